@@ -1,0 +1,121 @@
+"""Attention: grouped-query (Llama, Qwen2) and Multi-head Latent Attention (DeepSeek-V2/V3).
+
+MLA (DeepSeek-V2 §2.1) has two paths that compute the same function:
+- naive (training, no cache): K and V are materialised per head from the latent through wkv_b;
+- absorbed (any forward with a cache): W^UK is folded into the query and W^UV into the output, so
+  attention runs against the cached [kv_norm(c_kv); k_pe] alone — an MQA with a 576-dim key and a
+  512-dim value for V3 (DeepSeek-V2 App. C; FlashMLA's layout).
+Shapes: B batch, T query tokens, S visible keys, H heads, C kv_lora_rank, R qk_rope_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rotary, yarn_mscale
+
+
+def _attend(q, k, v, mask, scale):
+    """SDPA over (B, H, T, D) tensors; causal when there is no explicit mask (B, T, S)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with RoPE on the whole head (Llama, Qwen2)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = layer_id, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x, rope, positions, cache=None):
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleave=False)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleave=False)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_id, positions, k, v)        # (B, S, Hkv, D)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask, self.scale)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE (DeepSeek-V2 §2.1.3)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id, self.n_heads = layer_id, cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.interleave = cfg.rope_interleave
+        qk_head_dim = cfg.qk_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
+        else:   # query compression only saves training activations (V2 §2.1.2)
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, cfg.n_heads * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, cfg.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_head_dim, cfg.dim, bias=False)
+        # 1/sqrt(192) for V3, times YaRN's mscale² since sqrt(t) applies to both q and k (V3 §4.3)
+        self.scale = qk_head_dim ** -0.5
+        rs = cfg.rope_scaling or {}
+        if rs.get("rope_type") == "yarn" and rs.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+
+    def forward(self, x, rope, positions, cache=None):
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleave)                       # (B, T, H, R)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)                                                      # (B, T, C)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # (B, T, R), shared by heads
+        if cache is None:
+            o = self.attend_naive(q_nope, q_pe, kv, k_pe, mask=None)
+        else:
+            latent, mask = cache.update(self.layer_id, positions, torch.cat([kv, k_pe], dim=-1))
+            o = self.attend_absorbed(q_nope, q_pe, latent.to(q.dtype), mask)
+        return self.wo(o.reshape(B, T, -1))
+
+    def attend_naive(self, q_nope, q_pe, kv, k_pe, mask):
+        """Materialise per-head K (B, S, H, 192) and V (B, S, H, 128); returns (B, T, H, v_head_dim)."""
+        B, S, _ = kv.shape
+        k_nope, v = self.wkv_b(kv).view(B, S, self.n_heads, -1).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return o.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope, q_pe, latent, mask):
+        """Attend against latent (B, S, C + R) with W^UK / W^UV absorbed; returns (B, T, H, v_head_dim)."""
+        B, T, H, _ = q_nope.shape
+        C = self.kv_lora_rank
+        w = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]   # (H, dn, C), (H, dv, C)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                       # (B, T, H, C)
+        q_all = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.qk_rope_head_dim)
+        scores = torch.bmm(q_all, latent.transpose(1, 2)).float() * self.scale     # (B, T*H, S)
+        if mask is None:   # plain causal self-attention over the same T tokens
+            mask = torch.ones(T, latent.shape[1], dtype=torch.bool, device=latent.device).tril().unsqueeze(0)
+        scores = scores.view(B, T, H, -1).masked_fill(~mask.unsqueeze(2), float("-inf")).view(B, T * H, -1)
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        o_lat = torch.bmm(probs, latent[..., :C]).view(B, T, H, C)                 # weighted latents
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)                          # (B, T, H, dv)

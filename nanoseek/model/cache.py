@@ -1,0 +1,58 @@
+"""The cache argument of the model: what attention layers store per token, and the simplest store.
+
+An attention layer computes its per-token cache entries and hands them to `cache.update(layer_id,
+positions, *entries)`; the cache writes them at the given positions and returns every entry the
+queries may see, plus a boolean mask (B, T, S). What a layer stores:
+
+- GQA (Llama, Qwen2): k and v, (B, T, n_kv_heads, head_dim) each.
+- MLA (DeepSeek): ONE tensor (B, T, kv_lora_rank + qk_rope_head_dim) = [kv_norm(c_kv); RoPE(k_pe)],
+  the absorbed form of DeepSeek-V2 §2.1 — 576 values per token per layer for V3, whatever the
+  head count (FlashMLA stores exactly this as a 576-dim key whose first 512 dims are the value).
+
+`DenseCache` keeps each row contiguous in preallocated buffers: it is what `generate`-style loops
+and the tests use. The engine's paged cache (engine/kv_cache.py) implements the same `update`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+def cache_entry_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Per-token shapes of the tensors one attention layer caches."""
+    if cfg.is_mla:
+        return [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)]
+    return [(cfg.n_kv_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)]
+
+
+class DenseCache:
+    """Contiguous per-row cache: buffers (B, max_len, *entry) for each attention layer (MTP included).
+
+    Rows may hold different lengths: a query at position p sees keys at positions 0..p of its row.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        n_layers = cfg.n_layers + cfg.n_mtp_layers
+        self.max_len = max_len
+        self.buffers = [[torch.zeros(batch_size, max_len, *shape, dtype=dtype, device=device)
+                         for shape in cache_entry_shapes(cfg)] for _ in range(n_layers)]
+
+    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
+        """Write entries (B, T, ...) at positions (B, T); return the entries of positions < S and mask (B, T, S)."""
+        B, T = positions.shape
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the cache length {self.max_len}")
+        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
+        S = int(positions.max()) + 1
+        out = []
+        for buf, entry in zip(self.buffers[layer_id], entries):
+            buf[rows, positions] = entry.to(buf.dtype)
+            out.append(buf[:B, :S])
+        keys = torch.arange(S, device=positions.device)
+        mask = keys.view(1, 1, S) <= positions.unsqueeze(-1)          # (B, T, S)
+        return (*out, mask)
+
+    def nbytes_per_token(self) -> int:
+        return sum(b.element_size() * b[0, 0].numel() for layer in self.buffers for b in layer)

@@ -1,0 +1,144 @@
+"""The one Transformer: DeepSeek-V3/V2 (MLA + DeepSeekMoE + MTP) and dense Llama / Qwen2.
+
+Training, rollouts, eval and serving all run this class. Inference differs only through the
+explicit `cache` argument (see model/cache.py); positions are explicit so a cached forward can
+place new tokens anywhere. Run a tiny one:
+
+    cfg = ModelConfig(model_type="llama", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=16, inter_dim=128)
+    logits = Transformer(cfg)(torch.tensor([[1, 2, 3]]))      # (1, 3, 256)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import GQA, MLA
+from .config import ModelConfig
+from .layers import MLP, RMSNorm, Rotary
+from .moe import MoE
+from .mtp import MTPModule
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg, layer_id) if cfg.is_mla else GQA(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x, rope, positions, cache=None, routing=None):
+        x = x + self.attn(self.attn_norm(x), rope, positions, cache)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, routing) if isinstance(self.ffn, MoE) else self.ffn(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        # MTP blocks are MoE when the main model is (V3's layer 61 is a full MoE layer)
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k, cfg.is_moe))
+                                 for k in range(cfg.n_mtp_layers))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices, zero biases, unit norms (V3 used std 0.006)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            if isinstance(layer.ffn, MoE):
+                nn.init.normal_(layer.ffn.gate.weight, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                routing: list | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). `routing`, if a list, collects each MoE layer's Routing."""
+        return self.logits(self.hidden_states(input_ids, positions, cache, routing))
+
+    def hidden_states(self, input_ids, positions=None, cache=None, routing=None) -> torch.Tensor:
+        """Final hidden states (B, T, D) after the last block, before the final norm."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        rope = self.rotary(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, positions, cache, routing)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.norm(hidden)
+        return h @ self.embed.weight.t() if self.head is None else self.head(h)
+
+    def output_head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The shared output projection on already-normed states (what MTP modules share)."""
+        return normed @ self.embed.weight.t() if self.head is None else self.head(normed)
+
+    def mtp_forward(self, depth: int, prev_hidden, next_ids, positions, cache=None, routing=None):
+        """One MTP depth (1-based): prev_hidden (B, T, D) normed h^{k-1}, next_ids (B, T) = t_{i+k}.
+
+        Returns (logits (B, T, vocab) predicting t_{i+k+1}, normed h^k for the next depth).
+        """
+        module = self.mtp[depth - 1]
+        h = module(prev_hidden, self.embed(next_ids), self.rotary(positions), positions, cache, routing)
+        return self.output_head(h), h
+
+    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, routing=None) -> list[torch.Tensor]:
+        """Training form (V3 §2.2): for depth k, logits (B, T-k, vocab) at i predict t_{i+k+1}."""
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device).expand(input_ids.shape)
+        prev, out = self.norm(hidden), []
+        for k in range(1, len(self.mtp) + 1):
+            logits, prev = self.mtp_forward(k, prev[:, : T - k], input_ids[:, k:], positions[:, : T - k],
+                                            routing=routing)
+            out.append(logits)
+        return out
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, active: bool = False, embedding: bool = True, mtp: bool = False) -> int:
+        """Parameter count; `active=True` counts what one token uses (shared + top-k routed experts).
+
+        Embedding and output head each count once (once in all when tied); MTP modules only on request.
+        """
+        total = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp.") and not mtp:
+                continue
+            if name.startswith("embed.") and not embedding:
+                continue
+            total += p.numel()
+        if active and self.cfg.is_moe:
+            per_expert = 3 * self.cfg.dim * self.cfg.moe_inter_dim
+            idle = self.cfg.n_routed_experts - self.cfg.n_activated_experts
+            n_moe = sum(isinstance(b.ffn, MoE) for b in self.layers) + (len(self.mtp) if mtp else 0)
+            total -= n_moe * idle * per_expert
+        return total
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> int:
+        """Matmul FLOPs per token: 2·N_active (non-embedding) + attention scores/values at mean length
+        seq_len/2 (causal); ×3 for training (forward + backward), as in Kaplan/PaLM accounting."""
+        c = self.cfg
+        n = self.num_params(active=True, embedding=False)
+        if self.head is None:   # tied: the embedding is not counted but the head matmul still runs
+            n += c.vocab_size * c.dim
+        qk, v = (c.qk_head_dim, c.v_head_dim) if c.is_mla else (c.head_dim, c.head_dim)
+        attn = 2 * c.n_layers * c.n_heads * (qk + v) * seq_len / 2
+        return int((2 * n + attn) * (3 if training else 1))
+
+    def save_pretrained(self, folder, tokenizer=None, **kwargs) -> None:
+        """Write a Hugging Face folder (config.json, safetensors, tokenizer files when given)."""
+        from ..checkpoint.hf import save_hf_folder   # checkpoint depends on model, not the reverse
+        save_hf_folder(self, folder, tokenizer=tokenizer, **kwargs)

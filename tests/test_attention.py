@@ -1,0 +1,60 @@
+import torch
+
+from nanoseek.model import DenseCache, Transformer
+from nanoseek.model.cache import cache_entry_shapes
+from nanoseek.model.presets import deepseek_v3_671b, tiny_deepseek_v3
+
+
+def _mla_inputs(attn, x, positions, model):
+    cos, sin = model.rotary(positions)
+    from nanoseek.model.layers import apply_rotary
+    B, T, _ = x.shape
+    q = attn.wq_b(attn.q_norm(attn.wq_a(x))).view(B, T, attn.n_heads, -1)
+    q_nope, q_pe = q.split([attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
+    q_pe = apply_rotary(q_pe, cos, sin, attn.interleave)
+    kv, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
+    k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, attn.interleave).squeeze(2)
+    return q_nope, q_pe, attn.kv_norm(kv), k_pe
+
+
+def test_naive_and_absorbed_mla_agree():
+    cfg = tiny_deepseek_v3()
+    model = Transformer(cfg).eval()
+    attn = model.layers[0].attn
+    x = torch.randn(2, 11, cfg.dim)
+    positions = torch.arange(11).expand(2, 11)
+    with torch.no_grad():
+        q_nope, q_pe, kv, k_pe = _mla_inputs(attn, x, positions, model)
+        naive = attn.attend_naive(q_nope, q_pe, kv, k_pe, mask=None)
+        absorbed = attn.attend_absorbed(q_nope, q_pe, torch.cat([kv, k_pe], -1), mask=None)
+    assert naive.shape == absorbed.shape == (2, 11, cfg.n_heads, cfg.v_head_dim)
+    assert (naive - absorbed).abs().max() < 1e-5
+
+
+def test_cached_prefill_uses_absorbed_path_and_matches_training_forward():
+    cfg = tiny_deepseek_v3(q_lora_rank=0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 256, (3, 17))
+    with torch.no_grad():
+        full = model(ids)                                   # naive, no cache
+        cached = model(ids, torch.arange(17).expand(3, 17), DenseCache(cfg, 3, 17))   # absorbed
+    assert (full - cached).abs().max() < 1e-4
+
+
+def test_mla_cache_holds_only_latent_and_rope_key():
+    """kv_lora_rank + qk_rope_head_dim values per token per layer: 576 for DeepSeek-V3."""
+    assert cache_entry_shapes(deepseek_v3_671b()) == [(576,)]
+    cfg = tiny_deepseek_v3(n_mtp_layers=0)
+    cache = DenseCache(cfg, 1, 8)
+    assert cache.nbytes_per_token() == cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_bfloat16_forward_close_to_float32():
+    cfg = tiny_deepseek_v3()
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).softmax(-1)
+        low = model.to(torch.bfloat16)(ids).float().softmax(-1)
+    assert model.layers[1].ffn.gate.bias.dtype == torch.float32    # the balancing bias stays float32
+    assert (ref - low).abs().max() < 0.05
