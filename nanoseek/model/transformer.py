@@ -17,7 +17,7 @@ from torch import nn
 from .attention import GQA, MLA
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, Rotary
-from .moe import MoE
+from .moe import Gate, MoE
 from .mtp import MTPModule
 
 
@@ -54,14 +54,15 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for matrices, zero biases, unit norms (V3 used std 0.006)."""
+        if self.embed.weight.is_meta:   # shapes only (loading, parameter counts): nothing to fill
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        for layer in self.layers:
-            if isinstance(layer.ffn, MoE):
-                nn.init.normal_(layer.ffn.gate.weight, std=self.cfg.init_std)
+            elif isinstance(module, Gate):     # a bare Parameter, not an nn.Linear
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
