@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-PROMPT ?= Give me three short tips for learning to program.
+PROMPT ?= Explain in two sentences why the sky is blue.
 
 .PHONY: demo test install clean
 

@@ -110,3 +110,26 @@ def test_deepseek_v3_671b_parameter_counts():
     mtp_only = model.num_params(mtp=True) - total
     assert abs(mtp_only / 1e9 - 11.5) < 0.6, mtp_only
     assert model.flops_per_token(4096, training=False) > 2 * model.num_params(active=True, embedding=False)
+
+
+def test_mtp_modules_train():
+    """The MTP loss (V3 §2.2) back-propagates into the MTP module and the shared embedding."""
+    cfg = tiny_deepseek_v3()
+    model = Transformer(cfg)
+    ids = torch.randint(0, 256, (2, 12))
+    logits = model.mtp_logits(ids, model.hidden_states(ids))[0]          # (2, 11, V): at i predicts t_{i+2}
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+    loss.backward()
+    assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
+
+
+def test_deepseek_v2_style_config_runs():
+    """V2 settings through the same code: softmax scores, group-limited greedy, no bias, no q_lora."""
+    from nanoseek.model import ModelConfig
+    hf = tiny_deepseek_v3(q_lora_rank=0, n_mtp_layers=0).to_hf()
+    hf.update(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy",
+              norm_topk_prob=False, routed_scaling_factor=16.0)
+    cfg = ModelConfig.from_hf(hf)
+    model = Transformer(cfg)
+    assert cfg.score_func == "softmax" and model.layers[1].ffn.gate.bias is None
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 9)))).all()
