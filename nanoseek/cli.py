@@ -42,12 +42,6 @@ class ConvertConfig:
     max_shard_size: str = arg("5GB", "largest safetensors shard")
 
 
-def _device_dtype(cfg) -> tuple[str, str]:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
-    return device, dtype
-
-
 class StreamPrinter:
     """Prints streamed text, with `<think>` … `</think>` reasoning dimmed and set apart."""
 
@@ -76,44 +70,44 @@ class StreamPrinter:
         self.out.flush()
 
 
-def _stream(model, tokenizer, prompt_ids, cfg) -> str:
-    from .engine.generate import generate_ids
-    from .tokenizer import StreamDecoder
-    decoder, printer, pieces = StreamDecoder(tokenizer, skip_special_tokens=True), StreamPrinter(), []
-    start, n = time.perf_counter(), 0
-    for n, token in enumerate(generate_ids(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p,
-                                           cfg.top_k, set(tokenizer.eos_token_ids), cfg.seed), 1):
-        piece = decoder.push(token)
-        pieces.append(piece)
-        printer.write(piece)
-    printer.write(decoder.flush())
-    elapsed = time.perf_counter() - start
-    print(f"\n\x1b[2m[{n} tokens, {n / max(elapsed, 1e-9):.1f} tok/s]\x1b[0m" if sys.stdout.isatty()
-          else f"\n[{n} tokens, {n / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
-    return "".join(pieces)
+def _params(cfg: GenerateConfig):
+    from .engine.sampling import SamplingParams
+    return SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, seed=cfg.seed)
 
 
-def _load(cfg):
-    from .checkpoint import load_model, load_tokenizer
-    device, dtype = _device_dtype(cfg)
-    return load_model(cfg.model, dtype=dtype, device=device), load_tokenizer(cfg.model)
+def _stream(llm, prompt, cfg: GenerateConfig) -> str:
+    """Stream one answer to the terminal; returns its full text."""
+    printer, request, start = StreamPrinter(), None, time.perf_counter()
+    for delta, request in llm.stream(prompt, _params(cfg)):
+        printer.write(delta)
+    n = len(request.token_ids) if request else 0
+    rate = n / max(time.perf_counter() - start, 1e-9)
+    note = f"[{n} tokens, {rate:.1f} tok/s, {request.num_cached_tokens if request else 0} prompt tokens cached]"
+    print("\n" + (f"\x1b[2m{note}\x1b[0m" if sys.stdout.isatty() else note), file=sys.stderr)
+    return request.text if request else ""
+
+
+def _llm(cfg: GenerateConfig):
+    from .engine.llm import LLM
+    return LLM(cfg.model, dtype=cfg.dtype, device=cfg.device)
 
 
 def generate_main(cfg: GenerateConfig) -> None:
-    model, tokenizer = _load(cfg)
+    llm = _llm(cfg)
     if cfg.chat:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
                    [{"role": "user", "content": cfg.prompt}]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = llm.chat_prompt(messages)
     else:
-        prompt_ids = tokenizer.encode(cfg.prompt, add_special_tokens=True)
-    _stream(model, tokenizer, prompt_ids, cfg)
+        prompt = cfg.prompt
+    _stream(llm, prompt, cfg)
 
 
 def chat_main(cfg: GenerateConfig) -> None:
     """Multi-turn terminal chat; earlier turns' reasoning is not sent back (R1's API rule)."""
     from .tokenizer import split_reasoning
-    model, tokenizer = _load(cfg)
+    llm = _llm(cfg)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     turns = [cfg.prompt] if cfg.prompt else None
     while True:
@@ -130,8 +124,7 @@ def chat_main(cfg: GenerateConfig) -> None:
             if user.strip() in ("/exit", "/quit"):
                 return
         messages.append({"role": "user", "content": user})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        _, content = split_reasoning(_stream(model, tokenizer, ids, cfg))
+        _, content = split_reasoning(_stream(llm, llm.chat_prompt(messages), cfg))
         messages.append({"role": "assistant", "content": content})
 
 

@@ -5,7 +5,7 @@ import torch
 
 import nanoseek
 from nanoseek.checkpoint import CheckpointError, load_model, load_tokenizer
-from nanoseek.engine.generate import generate_ids
+from nanoseek import LLM, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -30,7 +30,8 @@ def test_chat_text_ids_and_greedy_tokens_match_transformers(smollm2, hf_smollm2)
         assert diff < 1e-3, diff
         theirs = hf_model.generate(ours, max_new_tokens=32, do_sample=False, eos_token_id=None,
                                    pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-    mine = list(generate_ids(model, ids, max_tokens=32))
+    llm = LLM(model, tokenizer=tok)
+    mine = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     assert mine == theirs
     assert "Paris" in tok.decode(mine)
 

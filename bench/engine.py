@@ -1,0 +1,437 @@
+"""Engine benchmark: nanoseek against transformers' `generate` and llama.cpp, in one run, as ratios.
+
+All systems run the embedded SmolLM2-135M-Instruct (Q4_1 GGUF) on the same prompt token ids, on
+the same threads, one after another in one process: transformers dequantizes the GGUF to
+float32 / bfloat16 and serves static batches with left padding; llama-cpp-python runs the GGUF
+as it is (Q4_1) and, having no batching in its Python API, serves concurrent requests one after
+another. Every request decodes greedily and ignores EOS, so each produces exactly `new_tokens`.
+
+Measured per system: output tokens/s at 1, 8 and 32 concurrent requests of 128 new tokens (all
+submitted at once), time to first token (TTFT), prefill tokens/s on a 512-token prompt, and the
+TTFT of a request whose 1,000-token prefix is cached vs not. Ratios are nanoseek's speedup over
+each peer: tokens/s divided by the peer's, or the peer's latency divided by nanoseek's.
+
+Left out on purpose: GPUs (a CPU benchmark: the peers run on CPU), sampling (greedy only),
+llama.cpp's HTTP server (its batching would need a second process), warm-up beyond one call.
+
+    python -m bench.engine --quick                      # smoke test: 16 new tokens, 1 and 4 concurrent
+    python -m bench.engine --out docs/benchmarks.md     # the full run, written into the docs
+    python -m bench.engine --peers llama.cpp --hf-dtype float32
+    nanoseek bench engine ...                           # the same, through the CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"  # optional; a built-in list otherwise
+SECTION_START, SECTION_END = "<!-- bench engine: start -->", "<!-- bench engine: end -->"
+BUILTIN_QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she needs. "
+    "Her parents decided to give her $15 for that purpose, and her grandparents twice as much as her parents. "
+    "How much more money does Betty need to buy the wallet?",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+    "Albert is wondering how much pizza he can eat in one day. He buys 2 large pizzas and 2 small pizzas. "
+    "A large pizza has 16 slices and a small pizza has 8 slices. If he eats it all, how many pieces does he eat that day?",
+    "Ken created a care package to send to his brother, who was away at boarding school. Ken placed a box on a "
+    "scale, and then he poured into the box enough jelly beans to bring the weight to 2 pounds. Then, he added "
+    "enough brownies to cause the weight to triple. Next, he added another 2 pounds of jelly beans. And finally, "
+    "he added enough gummy worms to double the weight once again. What was the final weight of the box of goodies, in pounds?",
+    "Mark has a garden with flowers. He planted plants of three different colors in it. Ten of them are yellow, "
+    "and there are 80% more of those in purple. There are only 25% as many green flowers as there are yellow and "
+    "purple flowers. How many flowers does Mark have in his garden?",
+    "Tina makes $18.00 an hour. If she works more than 8 hours per shift, she is eligible for overtime, which is "
+    "paid by your hourly wage + 1/2 your hourly wage. If she works 10 hours every day for 5 days, how much money does she make?",
+]
+
+
+@dataclass
+class Workload:
+    """The prompts every system gets, as token ids (the same ids for all of them)."""
+    prompts: list[list[int]]          # one chat-templated question per concurrent request
+    long_prompt: list[int]            # exactly `prefill_tokens` ids of real text
+    prefix: list[int]                 # exactly `prefix_tokens` ids shared by the cached-prefix requests
+    suffixes: list[list[int]]         # distinct questions (+ the assistant turn) after the prefix
+    new_tokens: int
+    concurrency: list[int]
+    repeats: int                      # TTFT / prefill / prefix measurements: the median of this many
+
+
+def read_questions(path: Path = GSM8K) -> tuple[list[str], str]:
+    """Questions (and a long text) from GSM8K when the shared data folder exists, else a built-in list."""
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:200]]
+        return [r["question"] for r in rows[:100]], "\n\n".join(r["question"] + "\n" + r["answer"] for r in rows[100:])
+    return BUILTIN_QUESTIONS, "\n\n".join(BUILTIN_QUESTIONS * 12)
+
+
+def build_workload(tokenizer, quick: bool, prefill_tokens: int = 512, prefix_tokens: int = 1000) -> Workload:
+    questions, text = read_questions()
+    # The chat template split at a marker: head + user content + tail is exactly the rendered prompt.
+    head, tail = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}]).split("\x00")
+    concurrency = [1, 4] if quick else [1, 8, 32]
+    # Past the real questions (built-in list only) a request number keeps every prompt distinct.
+    prompts = [tokenizer.encode(head + questions[i % len(questions)] + ("" if i < len(questions) else f" ({i})") + tail)
+               for i in range(max(concurrency))]
+    document = tokenizer.encode(head + "Read these worked examples.\n\n" + text)
+    if len(document) < max(prefill_tokens, prefix_tokens):
+        raise ValueError(f"only {len(document)} tokens of text for a {max(prefill_tokens, prefix_tokens)}-token prompt")
+    suffixes = [tokenizer.encode(f"\n\nNow answer this question: {q}{tail}") for q in questions[:6]]
+    return Workload(prompts, document[:prefill_tokens], document[:prefix_tokens], suffixes,
+                    new_tokens=16 if quick else 128, concurrency=concurrency, repeats=1 if quick else 3)
+
+
+# ---- systems: one runner each, same interface --------------------------------------------------
+# generate(prompts, max_tokens) -> (wall seconds, TTFT seconds per request), from a cold cache;
+# cached_ttft(first, second) -> TTFT of `second` right after `first` ran (only if has_prefix_cache).
+
+def check_lengths(name: str, lengths: list[int], expected: int) -> None:
+    if any(n != expected for n in lengths):  # a benchmark that made other token counts measured nothing
+        raise RuntimeError(f"{name}: expected {expected} new tokens per request, got {sorted(set(lengths))}")
+
+
+class NanoseekRunner:
+    """nanoseek's LLM: continuous batching and a prefix cache; TTFT from each request's own metrics."""
+    has_prefix_cache = True
+
+    def __init__(self, model: str, dtype: str):
+        from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
+        self.make, self.params = (lambda: LLM(model, dtype=dtype)), SamplingParams
+        self.llm, self.name, self.weights, self.notes = self.make(), "nanoseek", dtype, []
+
+    def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+        else:
+            self.llm = self.make()
+
+    def _run(self, prompts, max_tokens):
+        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        wall = time.perf_counter() - start
+        check_lengths(self.name, [len(o.outputs[0].token_ids) for o in outs], max_tokens)
+        return wall, [o.metrics.first_token_time - o.metrics.arrival_time for o in outs], outs
+
+    def generate(self, prompts, max_tokens):
+        self._fresh()
+        return self._run(prompts, max_tokens)[:2]
+
+    def cached_ttft(self, first, second) -> float:
+        self._fresh()
+        self._run([first], 1)
+        _, ttfts, outs = self._run([second], 1)
+        note = f"nanoseek's cached-prefix request reused {getattr(outs[0], 'num_cached_tokens', '?')} of its " \
+               f"{len(second)} prompt tokens."
+        if note not in self.notes:
+            self.notes.append(note)
+        return ttfts[0]
+
+    def close(self) -> None:
+        del self.llm
+
+
+class FirstTokenClock:
+    """A transformers streamer that only notes when the first new tokens arrive (put #2; #1 is the prompt)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersRunner:
+    """transformers' generate on the GGUF dequantized to `dtype`: static batches, left padding."""
+    has_prefix_cache = False  # generate() keeps no cache from one call to the next
+
+    def __init__(self, gguf: Path, dtype: str, pad_id: int):
+        import torch
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # keep the report readable
+        self.torch, self.pad_id = torch, pad_id
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
+        self.name, self.weights, self.notes = f"transformers {dtype}", dtype, []
+
+    def generate(self, prompts, max_tokens):
+        width, torch = max(map(len, prompts)), self.torch
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (B, T), padded on the left
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        clock, start = FirstTokenClock(), time.perf_counter()
+        # min_new_tokens bans EOS until max_new_tokens: every row makes exactly max_tokens
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                  do_sample=False, pad_token_id=self.pad_id, streamer=clock)
+        wall = time.perf_counter() - start
+        check_lengths(self.name, [out.shape[1] - width] * len(prompts), max_tokens)
+        return wall, [clock.first - start] * len(prompts)  # static batch: every request waits for the whole prefill
+
+    def close(self) -> None:
+        del self.model
+
+
+class LlamaCppRunner:
+    """llama-cpp-python on the GGUF as it is; one request at a time (no batching in its Python API)."""
+    has_prefix_cache = True  # Llama.generate() reuses the longest common prefix with the previous prompt
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+        self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, logits_all=False, verbose=False)
+        self.name, self.weights, self.notes = "llama.cpp", "Q4_1", []
+
+    def _one(self, prompt, max_tokens, start) -> float:
+        # temp=0 is llama.cpp's greedy sampler; generate(), unlike create_completion(), never stops at EOS
+        first, count = None, 0
+        for count, _ in enumerate(islice(self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0), max_tokens), 1):
+            first = first or time.perf_counter() - start
+        check_lengths(self.name, [count], max_tokens)
+        return first
+
+    def generate(self, prompts, max_tokens):
+        start, ttfts = time.perf_counter(), []
+        for prompt in prompts:
+            self.llm.reset()  # forget the previous prompt: every request prefills in full
+            ttfts.append(self._one(prompt, max_tokens, start))
+        return time.perf_counter() - start, ttfts
+
+    def cached_ttft(self, first, second) -> float:
+        self.llm.reset()
+        self._one(first, 1, time.perf_counter())
+        return self._one(second, 1, time.perf_counter())
+
+    def close(self) -> None:
+        getattr(self.llm, "close", lambda: None)()
+
+
+# ---- measurements: each takes a runner (engine_peers.py) and the workload ------------------------
+
+def measure_throughput(runner, work: Workload) -> dict:
+    """Output tokens/s with N requests submitted at once, and their mean TTFT."""
+    out = {}
+    for n in work.concurrency:
+        wall, ttfts = runner.generate(work.prompts[:n], work.new_tokens)
+        out[f"tok_s@{n}"] = n * work.new_tokens / wall
+        out[f"ttft_mean@{n}"] = statistics.mean(ttfts)
+    return out
+
+
+def measure_ttft(runner, work: Workload) -> dict:
+    """TTFT of a single chat request (one new token), the median over different prompts."""
+    times = [runner.generate([work.prompts[i % len(work.prompts)]], 1)[1][0] for i in range(work.repeats)]
+    return {"ttft": statistics.median(times)}
+
+
+def measure_prefill(runner, work: Workload) -> dict:
+    """Prefill tokens/s: prompt length / TTFT on the long prompt (a fresh cache every time)."""
+    times = [runner.generate([work.long_prompt], 1)[1][0] for _ in range(work.repeats)]
+    return {"prefill_tok_s": len(work.long_prompt) / statistics.median(times)}
+
+
+def measure_prefix_cache(runner, work: Workload) -> dict:
+    """TTFT of prefix + question B, cold vs right after prefix + question A filled the cache."""
+    cold, warm = [], []
+    for i in range(work.repeats):
+        first, second = work.prefix + work.suffixes[2 * i], work.prefix + work.suffixes[2 * i + 1]
+        cold.append(runner.generate([second], 1)[1][0])
+        if runner.has_prefix_cache:
+            warm.append(runner.cached_ttft(first, second))
+    if not warm:
+        return {"ttft_uncached": statistics.median(cold)}
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    return {"ttft_uncached": cold_s, "ttft_cached": warm_s, "prefix_speedup": cold_s / warm_s}
+
+
+def run_system(runner, work: Workload) -> dict:
+    runner.generate(work.prompts[:2], 2)  # warm-up: first-call allocations and kernel selection
+    results = {}
+    for measure in (measure_throughput, measure_ttft, measure_prefill, measure_prefix_cache):
+        results.update(measure(runner, work))
+        print(f"  {runner.name}: {measure.__name__} done", file=sys.stderr)
+    return results
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    fmt: str
+    higher_is_better: bool = True
+    scale: float = 1.0
+
+
+def table_rows(work: Workload) -> list[Row]:
+    n_prefill, n_prefix = len(work.long_prompt), len(work.prefix)
+    rows = [Row(f"tok_s@{n}", f"output tok/s, {n} concurrent × {work.new_tokens} new", "{:.1f}") for n in work.concurrency]
+    rows.append(Row("ttft", "TTFT, 1 request (ms)", "{:.0f}", False, 1e3))
+    rows.append(Row(f"ttft_mean@{max(work.concurrency)}", f"TTFT, mean of {max(work.concurrency)} concurrent (ms)",
+                    "{:.0f}", False, 1e3))
+    rows.append(Row("prefill_tok_s", f"prefill tok/s, {n_prefill}-token prompt", "{:.0f}"))
+    rows.append(Row("ttft_uncached", f"TTFT, {n_prefix:,}-token prefix not cached (ms)", "{:.0f}", False, 1e3))
+    rows.append(Row("ttft_cached", f"TTFT, {n_prefix:,}-token prefix cached (ms)", "{:.0f}", False, 1e3))
+    rows.append(Row("prefix_speedup", "TTFT speedup from the cached prefix (×)", "{:.1f}"))
+    return rows
+
+
+def targets(work: Workload) -> list[tuple[str, str, str | None, float]]:
+    """(description, metric, peer to divide by or None for nanoseek's own value, minimum) — the issue's goals."""
+    top = f"tok_s@{max(work.concurrency)}"
+    return [(f"{max(work.concurrency)} concurrent vs transformers float32", top, "transformers float32", 5.0),
+            (f"{max(work.concurrency)} concurrent vs transformers bfloat16", top, "transformers bfloat16", 2.0),
+            ("single stream vs llama.cpp", "tok_s@1", "llama.cpp", 1.0),
+            ("prefill vs llama.cpp", "prefill_tok_s", "llama.cpp", 2.0),
+            ("TTFT with the prefix cached vs not", "prefix_speedup", None, 10.0)]
+
+
+def ratio(results: dict, row_key: str, peer: str, higher_is_better: bool = True) -> float | None:
+    """nanoseek's speedup over `peer` on one metric (> 1: nanoseek is better), None if either is missing."""
+    ours, theirs = results.get("nanoseek", {}).get(row_key), results.get(peer, {}).get(row_key)
+    if ours is None or theirs is None or ours == 0 or theirs == 0:
+        return None
+    return ours / theirs if higher_is_better else theirs / ours
+
+
+def machine_info(threads: int, load_before: tuple) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    import torch
+    versions = [f"torch {torch.__version__}"]
+    for module, name in (("transformers", "transformers"), ("llama_cpp", "llama-cpp-python")):
+        try:
+            versions.append(f"{name} {__import__(module).__version__}")
+        except ImportError:
+            pass
+    load = ", ".join(f"{x:.2f}" for x in load_before)
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads for every system; {', '.join(versions)}; "
+            f"Python {platform.python_version()}; load average before the run {load}")
+
+
+def render(results: dict, columns: dict, work: Workload, command: str, machine: str, notes: list[str]) -> str:
+    peers = [name for name in columns if name != "nanoseek"]
+    head = ["metric"] + [name if columns[name] in name else f"{name} ({columns[name]})" for name in columns]
+    head += [f"nanoseek ÷ {p}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table_rows(work):
+        cells = [row.label]
+        for name in columns:
+            value = results.get(name, {}).get(row.key)
+            cells.append("—" if value is None else row.fmt.format(value * row.scale))
+        for peer in peers:
+            r = ratio(results, row.key, peer, row.higher_is_better)
+            cells.append("—" if r is None else f"{r:.2f}×")
+        lines.append("| " + " | ".join(cells) + " |")
+    goal_lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for text, key, peer, goal in targets(work):
+        value = ratio(results, key, peer) if peer else results.get("nanoseek", {}).get(key)
+        shown = "—" if value is None else f"{value:.2f}×"
+        met = "—" if value is None else ("yes" if value >= goal else "no")
+        goal_lines.append(f"| {text} | {shown} | ≥ {goal:g}× | {met} |")
+    mean_prompt = statistics.mean(len(p) for p in work.prompts)
+    return "\n".join([
+        "## Engine: nanoseek vs transformers vs llama.cpp on SmolLM2-135M-Instruct (Q4_1 GGUF)", "",
+        f"Command: `{command}`  ", f"Machine: {machine}  ",
+        f"Workload: {len(work.prompts)} chat-templated questions (mean {mean_prompt:.0f} prompt tokens), greedy, "
+        f"EOS ignored so every request makes exactly {work.new_tokens} tokens; all concurrent requests are "
+        f"submitted at once. Weight dtype in each column header. Ratios are nanoseek's speedup (tokens/s ÷ the "
+        f"peer's, or the peer's latency ÷ nanoseek's): above 1× nanoseek is faster.", "",
+        *lines, "", *goal_lines, "", *(f"- {note}" for note in notes)]) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section of `path` (between markers), or append it."""
+    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nResults, with the commands that made them.\n"
+    if SECTION_START in old and SECTION_END in old:
+        before, rest = old.split(SECTION_START, 1)
+        new = before + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new, encoding="utf-8")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="nanoseek bench engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or .gguf file (the peers need a GGUF)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens, 1 and 4 concurrent, no repeats")
+    p.add_argument("--peers", default="transformers,llama.cpp", help="comma list of transformers, llama.cpp (or none)")
+    p.add_argument("--dtype", default="bfloat16", help="nanoseek's weight dtype")
+    p.add_argument("--hf-dtype", default="float32,bfloat16", help="transformers' weight dtypes, comma list")
+    p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: torch's)")
+    p.add_argument("--out", default=None, help="markdown file whose engine section to write (e.g. docs/benchmarks.md)")
+    return p.parse_args(argv)
+
+
+def main(argv=None, prog: str = "python -m bench.engine") -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    import torch
+    from nanoseek.checkpoint import resolve
+    from nanoseek import load_tokenizer
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gguf = resolve(args.model)
+    if gguf.suffix != ".gguf":
+        raise SystemExit(f"{args.model}: the peers run a GGUF file; pass a built-in name or a .gguf path")
+    tokenizer = load_tokenizer(gguf)
+    work = build_workload(tokenizer, args.quick)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")]
+    runners, notes = [], []
+    if not args.no_nanoseek:
+        try:
+            runners.append(NanoseekRunner(args.model, args.dtype))
+        except ImportError as e:  # the engine may not exist yet on this checkout: still measure the peers
+            notes.append(f"nanoseek not measured: {e}")
+            print(f"note: nanoseek not measured ({e}); running the peers only", file=sys.stderr)
+    if "transformers" in peers:
+        runners += [TransformersRunner(gguf, dtype, tokenizer.pad_token_id or tokenizer.eos_token_id)
+                    for dtype in args.hf_dtype.split(",")]
+        notes.append("transformers: the Q4_1 GGUF dequantized to the dtype shown; one static batch per "
+                     "concurrency level (every request waits for the batch's prefill), sdpa attention.")
+    if "llama.cpp" in peers:
+        runners.append(LlamaCppRunner(gguf, threads))
+        notes.append("llama.cpp: its Python API has no batching, so N concurrent requests run one after another "
+                     "(TTFT of request i includes the i-1 before it); its prefix cache is llama-cpp-python's "
+                     "longest-common-prefix reuse of the previous prompt.")
+    results, columns = {}, {}
+    for runner in runners:  # one at a time: each system gets the machine to itself
+        print(f"{runner.name} ({runner.weights}) ...", file=sys.stderr)
+        results[runner.name], columns[runner.name] = run_system(runner, work), runner.weights
+        notes += runner.notes
+        runner.close()
+    if "nanoseek" not in columns:
+        columns = {"nanoseek": args.dtype, **columns}
+    command = " ".join([prog, *map(shlex.quote, argv)])
+    text = render(results, columns, work, command, machine_info(threads, load_before), notes)
+    print(text)
+    if args.out:
+        write_section(Path(args.out), text)
+        print(f"wrote the engine section of {args.out}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

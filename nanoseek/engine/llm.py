@@ -1,0 +1,187 @@
+"""The offline API users know from vLLM, on top of the Engine:
+
+    from nanoseek import LLM, SamplingParams
+    llm = LLM("smollm2-135m")
+    out = llm.chat([{"role": "user", "content": "What is 17 * 23?"}], SamplingParams(max_tokens=256))
+    out[0].text, out[0].reasoning_content, out[0].content, out[0].num_cached_tokens
+
+Text lives here, not in the engine: prompts are encoded, outputs are detokenised incrementally
+(correct across multi-byte characters), stop strings end a request (the engine aborts it), and
+R1-style `<think>` reasoning is split from the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import load_model, load_tokenizer
+from ..tokenizer import split_reasoning
+from .detokenizer import IncrementalDetokenizer
+from .engine import Engine, EngineConfig, StepOutput
+from .sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def reasoning_content(self) -> str | None:
+        return split_reasoning(self.text)[0]
+
+    @property
+    def content(self) -> str:
+        return split_reasoning(self.text)[1]
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = False
+    metrics: RequestMetrics | None = None
+
+    # the first sample's fields, for the common n = 1 case: out[0].text
+    text = property(lambda self: self.outputs[0].text)
+    token_ids = property(lambda self: self.outputs[0].token_ids)
+    reasoning_content = property(lambda self: self.outputs[0].reasoning_content)
+    content = property(lambda self: self.outputs[0].content)
+    finish_reason = property(lambda self: self.outputs[0].finish_reason)
+    logprobs = property(lambda self: self.outputs[0].logprobs)
+
+    @property
+    def num_prompt_cache_misses(self) -> int:
+        return len(self.prompt_token_ids) - self.num_cached_tokens
+
+
+def _default_device_dtype(device, dtype) -> tuple[str, str]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return device, dtype
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", tokenizer=None,
+                 seed: int = 0, **engine_kwargs):
+        device, dtype = _default_device_dtype(device, dtype)
+        self.model = load_model(model, dtype=dtype, device=device) if isinstance(model, str) else model
+        self.tokenizer = tokenizer or load_tokenizer(model)
+        self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ requests
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+
+    def add_request(self, prompt, params: SamplingParams) -> RequestOutput:
+        """Queue one prompt; returns the RequestOutput that `step_outputs` fills in."""
+        text, ids = self._encode(prompt)
+        request_id = str(self._next_id)
+        self._next_id += 1
+        self.engine.add_request(request_id, ids, params)
+        out = RequestOutput(request_id, text, ids, [CompletionOutput(i) for i in range(params.n)],
+                            metrics=RequestMetrics(time.perf_counter()))
+        out._detok = [IncrementalDetokenizer(self.tokenizer, params) for _ in range(params.n)]
+        out._params = params
+        return out
+
+    def apply(self, request: RequestOutput, step: StepOutput) -> str:
+        """Fold one engine step into the request's output; returns the new text of that sample."""
+        completion, detok = request.outputs[step.index], request._detok[step.index]
+        now = time.perf_counter()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.num_cached_tokens = step.num_cached_tokens
+        completion.token_ids.extend(step.new_token_ids)
+        if request._params.logprobs is not None:
+            completion.logprobs = (completion.logprobs or []) + step.new_logprobs
+        delta = "".join(detok.push(t) for t in step.new_token_ids)
+        if detok.stopped and not step.finished:          # a stop string: end the sample here
+            self.engine.abort_sample(request.request_id, step.index, "stop")
+            step.finished, step.finish_reason = True, "stop"
+        if step.finished:
+            delta += detok.flush()
+            completion.finish_reason = step.finish_reason
+            completion.stop_reason = detok.stop_reason
+        completion.text = detok.text
+        if all(c.finish_reason is not None for c in request.outputs):
+            request.finished, request.metrics.finished_time = True, now
+        return delta
+
+    # ------------------------------------------------------------------ batch API
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion under continuous batching; outputs in prompt order."""
+        single = isinstance(prompts, (str, dict))
+        prompts = [prompts] if single else list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = {}
+        try:
+            for prompt, p in zip(prompts, params):
+                out = self.add_request(prompt, p)
+                requests[out.request_id] = out
+            while self.engine.has_unfinished():
+                for step in self.engine.step():
+                    if step.request_id in requests:
+                        self.apply(requests[step.request_id], step)
+        except BaseException:
+            for request_id in requests:                  # leave the engine empty, whatever happened
+                self.engine.abort(request_id)
+            raise
+        return list(requests.values())
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[tuple[str, RequestOutput]]:
+        """Generate one prompt, yielding (new text, the RequestOutput so far) as tokens arrive."""
+        request = self.add_request(prompt, params or SamplingParams())
+        try:
+            while not request.finished:
+                for step in self.engine.step():
+                    if step.request_id == request.request_id:
+                        delta = self.apply(request, step)
+                        if delta or request.finished:
+                            yield delta, request
+        finally:
+            if not request.finished:                     # the caller stopped early: free the blocks now
+                self.engine.abort(request.request_id)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> dict:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **template_kwargs)
+        return {"prompt_token_ids": ids}
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
+             **template_kwargs) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(conv, add_generation_prompt, **template_kwargs) for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()

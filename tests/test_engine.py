@@ -1,0 +1,203 @@
+"""Engine correctness: batched == one-at-a-time == full-forward greedy; seeds, stops, logprobs,
+preemption, aborts, prefix caching, n > 1, weight updates."""
+
+import pytest
+import torch
+
+from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model import Transformer
+from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def full_forward_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run(engine, requests, stagger=False):
+    """requests: {id: (prompt, params)}; with stagger, a new request joins every other step."""
+    outputs = {rid: [] for rid in requests}
+    pending = list(requests.items())
+    if not stagger:
+        for rid, (prompt, params) in pending:
+            engine.add_request(rid, prompt, params)
+        pending = []
+    while pending or engine.has_unfinished():
+        if pending:
+            rid, (prompt, params) = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    return outputs
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "llama"])
+def model(request):
+    torch.manual_seed(0)
+    cfg = tiny_deepseek_v3() if request.param == "deepseek_v3" else tiny_llama()
+    return Transformer(cfg).eval()
+
+
+def prompts(k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 256, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(k)]
+
+
+def test_batched_equals_single_equals_full_forward(model):
+    ps = prompts()
+    requests = {str(i): (p, SamplingParams(max_tokens=5 + 3 * i, **GREEDY)) for i, p in enumerate(ps)}
+    batched = run(Engine(model, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=24)),
+                  requests, stagger=True)
+    for rid, (prompt, params) in requests.items():
+        alone = run(Engine(model, EngineConfig(num_blocks=64, block_size=4)), {rid: (prompt, params)})[rid]
+        assert batched[rid] == alone == full_forward_greedy(model, prompt, params.max_tokens)
+
+
+def test_preemption_under_a_tiny_block_budget_keeps_output(model):
+    ps = prompts(5, seed=1)
+    requests = {str(i): (p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(ps)}
+    roomy = run(Engine(model, EngineConfig(num_blocks=100, block_size=4)), requests)
+    tight_engine = Engine(model, EngineConfig(num_blocks=14, block_size=4, enable_prefix_caching=False))
+    tight = run(tight_engine, requests)
+    assert tight_engine.scheduler.num_preemptions > 0
+    assert tight == roomy
+    assert tight_engine.pool.num_free == 14
+
+
+def test_abort_returns_every_block():
+    model = Transformer(tiny_llama()).eval()
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4))
+    for i, p in enumerate(prompts(4)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    engine.step()
+    for i in range(4):
+        engine.abort(str(i))
+    assert not engine.has_unfinished() and engine.pool.num_free == 32
+
+
+def test_prefix_hits_are_counted_and_change_nothing():
+    model = Transformer(tiny_deepseek_v3()).eval()
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    shared = list(range(10, 30))                                 # 20 tokens = 5 full blocks
+    first = run(engine, {"a": (shared + [7, 8], SamplingParams(max_tokens=6, **GREEDY))})["a"]
+    engine.add_request("b", shared + [7, 8], SamplingParams(max_tokens=6, **GREEDY))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert outs[0].num_cached_tokens == 20                      # all full blocks of the prompt
+    assert [t for o in outs for t in o.new_token_ids] == first
+    engine.reset_prefix_cache()
+    engine.add_request("c", shared + [7, 8], SamplingParams(max_tokens=1, **GREEDY))
+    assert engine.step()[0].num_cached_tokens == 0
+
+
+def test_weight_update_in_place_invalidates_prefix_cache():
+    model = Transformer(tiny_llama()).eval()
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    prompt = list(range(3, 20))
+    run(engine, {"a": (prompt, SamplingParams(max_tokens=2, **GREEDY))})
+    with torch.no_grad():
+        model.layers[0].attn.wq.weight.mul_(1.5)                 # a GRPO step, in place
+    engine.add_request("b", prompt, SamplingParams(max_tokens=3, **GREEDY))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert outs[0].num_cached_tokens == 0
+    assert [o.new_token_ids[0] for o in outs] == full_forward_greedy(model, prompt, 3)
+
+
+def test_n_samples_share_the_prompt_blocks():
+    model = Transformer(tiny_llama()).eval()
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    prompt = list(range(3, 23))
+    engine.add_request("r", prompt, SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=5, ignore_eos=True))
+    hits, tokens = {}, {0: [], 1: [], 2: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            hits[out.index] = out.num_cached_tokens
+            tokens[out.index].extend(out.new_token_ids)
+    assert hits[0] == 0 and hits[1] == hits[2] == 16             # siblings reuse the 4 full prompt blocks
+    assert all(len(t) == 4 for t in tokens.values())
+
+
+def test_seeded_sampling_is_independent_of_the_batch():
+    model = Transformer(tiny_deepseek_v3()).eval()
+    target = (list(range(5, 17)), SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=10,
+                                                 ignore_eos=True))
+    alone = run(Engine(model, EngineConfig(num_blocks=64, block_size=4)), {"t": target})["t"]
+    others = {str(i): (p, SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True))
+              for i, p in enumerate(prompts(4, seed=3))}
+    crowded = run(Engine(model, EngineConfig(num_blocks=64, block_size=4), seed=99), {**others, "t": target},
+                  stagger=True)["t"]
+    assert crowded == alone
+
+
+def test_stop_token_ids_eos_max_tokens_and_min_tokens():
+    model = Transformer(tiny_deepseek_v3()).eval()
+    prompt = list(range(3, 15))
+    greedy = full_forward_greedy(model, prompt, 8)
+    firsts = [i for i in range(8) if greedy[i] not in greedy[:i]]     # where a token shows up first
+    k_eos, k_stop = firsts[0], firsts[-1]
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4), eos_token_ids=[greedy[k_eos]])
+    engine.add_request("eos", prompt, SamplingParams(max_tokens=8, temperature=0))
+    engine.add_request("stop_id", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                         stop_token_ids=[greedy[k_stop]]))
+    engine.add_request("len", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_request("min", prompt, SamplingParams(max_tokens=8, temperature=0, min_tokens=5))
+    tokens, reasons = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    assert tokens["eos"] == greedy[:k_eos + 1] and reasons["eos"] == "stop"
+    assert tokens["stop_id"] == greedy[:k_stop + 1] and reasons["stop_id"] == "stop"
+    assert tokens["len"] == greedy[:3] and reasons["len"] == "length"
+    assert len(tokens["min"]) >= 5 and greedy[k_eos] not in tokens["min"][:5]
+
+
+def test_logprobs_equal_log_softmax_of_a_full_forward():
+    model = Transformer(tiny_deepseek_v3()).eval()
+    prompt = list(range(3, 15))
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=4, temperature=0.8, seed=3, logprobs=3,
+                                                   ignore_eos=True))
+    tokens, logprobs = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt + tokens])).float(), -1)[0]
+    for i, (token, lp) in enumerate(zip(tokens, logprobs)):
+        row = full[len(prompt) - 1 + i]
+        assert abs(_chosen_logprob(lp) - row[token].item()) < 1e-4
+        top = row.topk(3)
+        assert [t for t, _ in _top(lp)] == top.indices.tolist()
+
+
+def _chosen_logprob(lp):
+    return lp.logprob if hasattr(lp, "logprob") else lp[0]
+
+
+def _top(lp):
+    return lp.top_logprobs if hasattr(lp, "top_logprobs") else lp[1]
+
+
+def test_bad_requests_are_rejected_cleanly():
+    engine = Engine(Transformer(tiny_llama()).eval(), EngineConfig(num_blocks=8, block_size=4))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", [], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("b", [1, 999999], SamplingParams())
+    with pytest.raises(ValueError, match="blocks"):
+        engine.add_request("c", list(range(3, 200)), SamplingParams())
+    assert not engine.has_unfinished()

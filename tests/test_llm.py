@@ -1,0 +1,68 @@
+"""The offline API on the embedded SmolLM2: parity with transformers, stop strings, streaming."""
+
+import pytest
+import torch
+
+from nanoseek import LLM, SamplingParams
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 + 30?",
+             "Write a haiku about rain.", "Who wrote Romeo and Juliet?", "Say hello in Spanish.",
+             "What is the boiling point of water in Celsius?", "List two fruits that are red."]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("smollm2-135m", dtype="float32", num_blocks=256, block_size=16)
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_transformers_on_8_prompts(llm, hf_smollm2):
+    hf_model, _ = hf_smollm2
+    prompts = [llm.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt["prompt_token_ids"]])
+        with torch.no_grad():
+            want = hf_model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert out.token_ids == want
+    assert "Paris" in outs[0].text
+
+
+def test_stream_equals_generate_and_stop_strings_are_cut(llm):
+    prompt = llm.chat_prompt([{"role": "user", "content": "Count from one to ten in words."}])
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40))[0]
+    pieces = [delta for delta, _ in llm.stream(prompt, SamplingParams(temperature=0, max_tokens=40))]
+    assert "".join(pieces) == full.text
+    words = full.text.split()
+    assert len(words) > 3
+    stop = words[2]
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop],
+                                               include_stop_str_in_output=True))[0]
+    assert kept.text.endswith(stop)
+
+
+def test_outputs_carry_what_users_expect(llm):
+    outs = llm.chat([{"role": "user", "content": "Hi!"}],
+                    SamplingParams(temperature=0.7, seed=1, max_tokens=8, logprobs=2, n=2))
+    out = outs[0]
+    assert len(out.outputs) == 2 and out.finish_reason in ("stop", "length")
+    assert out.content == out.text.strip() and out.reasoning_content is None   # SmolLM2 does not think
+    assert len(out.logprobs) == len(out.token_ids)
+    again = llm.generate({"prompt_token_ids": out.prompt_token_ids},
+                         SamplingParams(temperature=0, max_tokens=2))[0]
+    assert again.num_cached_tokens > 0 and again.num_cached_tokens % 16 == 0
+
+
+def test_bad_input_is_rejected_and_engine_stays_usable(llm):
+    with pytest.raises(ValueError):
+        llm.generate("x", SamplingParams(temperature=-1))
+    with pytest.raises(ValueError):
+        llm.generate([{"prompt_token_ids": []}])
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([{"text": "no ids"}])
+    assert not llm.engine.has_unfinished()
+    assert llm.generate("Hello", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
