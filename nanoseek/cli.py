@@ -148,12 +148,30 @@ COMMANDS = {
 }
 
 
+def bench_main(which: str, rest: list[str]) -> int:
+    """Benchmarks live in the repository's bench/ folder (they need peers that nanoseek never imports)."""
+    import importlib
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(f"bench.{which}")
+    except ModuleNotFoundError as e:
+        print(f"nanoseek bench: no benchmark {which!r} here ({e}); run from the repository root", file=sys.stderr)
+        return 2
+    module.main(rest, prog=f"nanoseek bench {which}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-R1, small and readable.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=help_text), cls)
+    bench = sub.add_parser("bench", help="benchmarks against peers, ratios from one run (bench/)")
+    bench.add_argument("which", help="engine")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="flags of that benchmark")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_main(args.which, args.rest)
     cls, run, _ = COMMANDS[args.command]
     try:
         run(config_from_args(cls, args))

@@ -37,14 +37,20 @@ def _dtype(dtype):
 
 def load_model(path_or_name, dtype=None, device="cpu"):
     """A Transformer from a built-in name, a GGUF file or a Hugging Face folder (float32 by default)."""
+    return load(path_or_name, dtype, device, tokenizer=False)[0]
+
+
+def load(path_or_name, dtype=None, device="cpu", tokenizer: bool = True):
+    """(model, tokenizer) read in one pass (a GGUF file is parsed once for both)."""
     from .gguf import read_gguf
     from .hf import build_model, load_hf_folder
     path, dtype = resolve(path_or_name), _dtype(dtype)
     if path.is_dir():
-        return load_hf_folder(path, dtype=dtype, device=device)
+        model = load_hf_folder(path, dtype=dtype, device=device)
+        return model, (load_tokenizer(path) if tokenizer else None)
     if path.suffix == ".gguf":
-        config, tensors, _ = read_gguf(path)
-        return build_model(config, tensors, str(path), dtype=dtype, device=device)
+        config, tensors, tok = read_gguf(path)
+        return build_model(config, tensors, str(path), dtype=dtype, device=device), tok
     raise CheckpointError(f"{path}: expected a Hugging Face folder or a .gguf file")
 
 

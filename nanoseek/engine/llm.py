@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint import load
 from ..tokenizer import split_reasoning
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, EngineConfig, StepOutput
@@ -84,8 +84,12 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", tokenizer=None,
                  seed: int = 0, **engine_kwargs):
         device, dtype = _default_device_dtype(device, dtype)
-        self.model = load_model(model, dtype=dtype, device=device) if isinstance(model, str) else model
-        self.tokenizer = tokenizer or load_tokenizer(model)
+        if isinstance(model, str):
+            model, found = load(model, dtype=dtype, device=device, tokenizer=tokenizer is None)
+            tokenizer = tokenizer or found
+        if tokenizer is None:
+            raise ValueError("LLM(model_object) needs tokenizer=...: a bare model carries no tokenizer")
+        self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
         self._next_id = 0
 
