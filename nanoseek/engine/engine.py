@@ -7,6 +7,10 @@ All decoding sequences share one batched forward of (B, 1) tokens; prefill chunk
 only the last position's logits are projected onto the vocabulary). The engine knows token ids
 only; text, chat templates and stop strings live in the LLM facade (llm.py).
 
+With `num_speculative_tokens = k > 0` (a model with MTP layers), greedy sequences also verify k
+MTP drafts per decode step in one (B, 1 + k) forward and emit 1..k+1 tokens (speculative.py);
+the output is unchanged, StepOutput says how many drafts were verified and accepted.
+
 Weights changing in place (a GRPO update) is noticed through the parameters' version counters and
 drops the prefix cache, so a cache hit never serves entries computed by older weights.
 """
@@ -20,7 +24,8 @@ import torch
 from ..model import Transformer
 from .kv_cache import BlockPool, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, Sequence, paged_cache
+from .speculative import MTPSpeculator, SpecStats
 
 
 @dataclass
@@ -32,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024      # per-step token budget (decodes + prefill chunks)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None        # default: the model's max_position_embeddings
+    num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
 
 
 @dataclass
@@ -44,6 +50,8 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    num_draft_tokens: int = 0               # drafts verified this step (speculative decoding)
+    num_accepted_tokens: int = 0            # of which the model agreed with (new tokens = accepted + 1)
 
 
 class Engine:
@@ -56,7 +64,13 @@ class Engine:
         probe = BlockPool(model.cfg, 1, c.block_size, self.dtype, "meta")
         num_blocks = c.num_blocks or max(int(c.kv_cache_gb * 2**30 / (probe.bytes_per_token() * c.block_size)), 1)
         self.pool = BlockPool(model.cfg, num_blocks, c.block_size, self.dtype, self.device)
-        self.scheduler = Scheduler(self.pool, c.max_num_seqs, c.max_num_batched_tokens, c.enable_prefix_caching)
+        if c.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {c.num_speculative_tokens}")
+        margin = min(c.num_speculative_tokens, model.cfg.n_mtp_layers)     # MTP depth chained per position
+        self.scheduler = Scheduler(self.pool, c.max_num_seqs, c.max_num_batched_tokens, c.enable_prefix_caching,
+                                   prefix_hit_margin=margin)
+        self.speculator = (MTPSpeculator(model, self.scheduler, c.num_speculative_tokens, self.max_model_len)
+                           if c.num_speculative_tokens else None)
         self.eos_token_ids = set(eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.states: dict[Sequence, SamplerState] = {}
@@ -91,6 +105,8 @@ class Engine:
             if seq.finish_reason is None:
                 self.scheduler.finish(seq, "abort")
             self.states.pop(seq, None)
+            if self.speculator:
+                self.speculator.forget(seq)
 
     def abort_sample(self, request_id: str, index: int, reason: str = "abort") -> None:
         """End one of a request's n samples (the LLM facade does this when a stop string appears)."""
@@ -104,6 +120,11 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
 
+    @property
+    def spec_stats(self) -> SpecStats:
+        """Speculative decoding totals: acceptance_rate, tokens_per_step (zeros when it is off)."""
+        return self.speculator.stats if self.speculator else SpecStats()
+
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -116,11 +137,16 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("the KV cache pool cannot fit any waiting request; raise kv_cache_gb")
             return []
-        decodes = [s for s, n in batch.items() if s.num_remaining == 1]
+        if self.speculator:
+            self.speculator.sync(batch)
+        decodes = [s for s in batch if s.num_remaining == 1]
+        plain = [s for s in decodes if s.num_lookahead == 0]
+        verifies = [s for s in decodes if s.num_lookahead > 0]     # their n = 1 + drafts, computed on accept
+        verifying = set(verifies)
         ready, rows = [], []
-        if decodes:
-            rows.append(self._forward(decodes, [1] * len(decodes)))
-            ready.extend(decodes)
+        if plain:
+            rows.append(self._forward(plain, [1] * len(plain)))
+            ready.extend(plain)
         for seq, n in batch.items():
             if seq.num_remaining > 1:
                 completes = n == seq.num_remaining
@@ -129,50 +155,82 @@ class Engine:
                     rows.append(logits)
                     ready.append(seq)
         for seq, n in batch.items():
-            self.scheduler.computed(seq, n)
-        if not ready:
-            return []
-        logits = torch.cat(rows).float()
-        tokens, logprobs = sample(logits, [self.states[s] for s in ready], self.generator)
-        return [self._append(seq, token, lp) for seq, token, lp in zip(ready, tokens, logprobs)]
+            if seq not in verifying:
+                self.scheduler.computed(seq, n)
+        done = []                                               # (seq, its StepOutput)
+        if ready:
+            logits = torch.cat(rows).float()
+            tokens, logprobs = sample(logits, [self.states[s] for s in ready], self.generator)
+            for seq, token, lp in zip(ready, tokens, logprobs):
+                done.append((seq, self._output(seq, [token], [lp] if lp is not None else [], self._push(seq, token))))
+        if verifies:
+            done.extend(self._verify(verifies))
+        if self.speculator:      # before finishing: a finished sequence's cached blocks get their MTP entries too
+            self.speculator.propose(list(batch), {seq for seq, out in done if out.finished})
+        for seq, out in done:
+            if out.finished:
+                self.finish(seq, out.finish_reason)
+        return [out for _, out in done]
+
+    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions (B, T) of seqs -> final hidden states (B, T, D), before the final norm."""
+        return self.model.hidden_states(ids, positions, paged_cache(self.pool, seqs, positions))
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
         """Run (B, n) new tokens of seqs through the model; logits (B, vocab) of each row's last token."""
-        bs, device = self.pool.block_size, self.device
+        device = self.device
         ids = [s.token_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, counts)]
         positions = [list(range(s.num_computed, s.num_computed + n)) for s, n in zip(seqs, counts)]
-        slots = [[s.block_table[p // bs] * bs + p % bs for p in pos] for s, pos in zip(seqs, positions)]
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        positions_t = torch.tensor(positions, device=device)
-        seq_len = int(positions_t.max()) + 1
-        cache = PagedCache(self.pool, torch.tensor(slots, device=device), torch.tensor(tables, device=device), seq_len)
-        hidden = self.model.hidden_states(torch.tensor(ids, device=device), positions_t, cache)
-        return self.model.logits(hidden[:, -1]) if need_logits else None
+        hidden = self._run(seqs, torch.tensor(ids, device=device), torch.tensor(positions, device=device))
+        if not self.speculator:
+            return self.model.logits(hidden[:, -1]) if need_logits else None
+        normed = self.model.norm(hidden)                          # (B, n, D): h^0, what MTP module 1 reads
+        for seq, row in zip(seqs, normed):
+            self.speculator.record(seq, row, seq.num_computed)
+        return self.model.output_head(normed[:, -1]) if need_logits else None
 
-    def _append(self, seq: Sequence, token: int, logprob) -> StepOutput:
+    def _verify(self, seqs: list[Sequence]) -> list[tuple[Sequence, StepOutput]]:
+        """Speculating sequences: one (B, 1 + k) forward over [last token, drafts], then accept (speculative.py)."""
+        spec = self.speculator
+        ids, positions = spec.verify_inputs(seqs)
+        normed = self.model.norm(self._run(seqs, ids, positions))                     # (B, 1 + k, D)
+        logits = self.model.output_head(normed).float()                             # (B, 1 + k, V)
+        verdicts = spec.accept(seqs, logits, self.states, self._push, self.generator)
+        done = []
+        for seq, row, verdict in zip(seqs, normed, verdicts):
+            kept = 1 + verdict.num_accepted                       # the last token's and accepted drafts' entries
+            spec.record(seq, row[:kept], seq.num_computed)
+            self.scheduler.computed(seq, kept)
+            out = self._output(seq, verdict.token_ids, verdict.logprobs, verdict.finish_reason)
+            out.num_draft_tokens, out.num_accepted_tokens = seq.num_lookahead, verdict.num_accepted
+            done.append((seq, out))
+        return done
+
+    def _push(self, seq: Sequence, token: int) -> str | None:
+        """Append one token; the finish reason it causes, if any."""
         seq.token_ids.append(token)
         self.states[seq].append(token)
         p = seq.params
-        reason = None
         if token in self.eos_token_ids and not p.ignore_eos:
-            reason = "stop"
-        elif p.stop_token_ids and token in p.stop_token_ids:
-            reason = "stop"
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            reason = "length"
-        elif len(seq.token_ids) >= self.max_model_len:
-            reason = "length"
-        out = StepOutput(seq.request_id, seq.index, [token], [logprob] if logprob is not None else [],
-                         num_cached_tokens=seq.num_cached_tokens)
-        if reason is not None:
-            self.finish(seq, reason)
-            out.finished, out.finish_reason = True, reason
-        return out
+            return "stop"
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list, reason: str | None) -> StepOutput:
+        """The step's StepOutput; the caller finishes seq afterwards when reason is set."""
+        return StepOutput(seq.request_id, seq.index, tokens, logprobs, finished=reason is not None,
+                          finish_reason=reason, num_cached_tokens=seq.num_cached_tokens)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.states.pop(seq, None)
+        if self.speculator:
+            self.speculator.forget(seq)
         siblings = self.requests.get(seq.request_id, [])
         if all(s.finish_reason is not None for s in siblings):
             self.requests.pop(seq.request_id, None)

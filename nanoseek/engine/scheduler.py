@@ -11,6 +11,10 @@ Every step, `schedule()` returns {sequence: n_tokens} under a token budget:
 
 Worked example, budget 64 tokens, block 16: A decoding, B with 100 prompt tokens waiting ->
 step 1: {A: 1, B: 63}; step 2: {A: 1, B: 37}; step 3: {A: 1, B: 1} (B now decodes too).
+
+Speculative decoding (speculative.py) sets `seq.num_lookahead` = k drafts to verify: that decode
+runs 1 + k tokens, so blocks for 1 + k are reserved and the step reads {A: 1 + k}. When the pool
+is short, the lookahead drops to 0 for that step (a plain decode) before anything is preempted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockPool, block_hashes
+import torch
+
+from .kv_cache import BlockPool, PagedCache, block_hashes
 
 
 @dataclass(eq=False)
@@ -34,6 +40,7 @@ class Sequence:
     num_cached_tokens: int = 0           # prompt tokens served by the prefix cache
     num_hashed_blocks: int = 0
     num_preemptions: int = 0
+    num_lookahead: int = 0               # draft tokens its next decode verifies (speculative decoding)
     finish_reason: str | None = None
 
     @property
@@ -54,11 +61,24 @@ class Sequence:
         return self.num_computed >= self.num_prompt_tokens
 
 
+def paged_cache(pool: BlockPool, seqs: list[Sequence], positions: torch.Tensor) -> PagedCache:
+    """The model's cache argument for new tokens of seqs at positions (B, T): each goes to its slot."""
+    bs = pool.block_size
+    tables = [s.block_table for s in seqs]
+    width = max(len(t) for t in tables)
+    tables_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=positions.device)   # (B, W)
+    slots = tables_t.gather(1, positions // bs) * bs + positions % bs                              # (B, T)
+    return PagedCache(pool, slots, tables_t, int(positions.max()) + 1)
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, prefix_hit_margin: int = 0):
         self.pool, self.max_num_seqs, self.budget = pool, max_num_seqs, max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
+        # a prefix hit gives back the blocks holding its last `prefix_hit_margin` tokens, to be recomputed:
+        # MTP cache entries of a block's last tokens depend on the tokens after it (speculative.py)
+        self.prefix_hit_margin = prefix_hit_margin
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -78,6 +98,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.num_remaining == 1]:  # 1. decodes
             if seq not in self.running:                                # preempted below by a later one
                 continue
+            if seq.num_lookahead and not self._reserve(seq, 1 + seq.num_lookahead):
+                seq.num_lookahead = 0                                  # drafts never cost a preemption
             while not self._reserve(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -85,8 +107,8 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq in self.running:
-                batch[seq] = 1
-                budget -= 1
+                batch[seq] = 1 + seq.num_lookahead
+                budget -= batch[seq]
         for seq in [s for s in self.running if s.num_remaining > 1]:   # 2. chunked prefills
             n = min(seq.num_remaining, budget)
             if n > 0 and self._reserve(seq, n):
@@ -118,10 +140,16 @@ class Scheduler:
             if block is None:
                 break
             seq.block_table.append(block)
+        for _ in range(min(-(-self.prefix_hit_margin // bs), len(seq.block_table))):
+            self.pool.release(seq.block_table.pop())
         seq.num_computed = len(seq.block_table) * bs
         seq.num_hashed_blocks = len(seq.block_table)
         if seq.num_preemptions == 0:      # hits are reported for the prompt as first submitted
             seq.num_cached_tokens = min(seq.num_computed, seq.num_prompt_tokens)
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Blocks for n tokens past seq's computed ones, if the pool has them (no preemption)."""
+        return self._reserve(seq, n)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Make sure seq has blocks for n more tokens; all or nothing."""
@@ -135,6 +163,7 @@ class Scheduler:
         self.running.remove(seq)
         self._free(seq)
         self.waiting.appendleft(seq)
+        seq.num_lookahead = 0                  # its drafts are gone; it re-prefills first
         seq.num_preemptions += 1
         self.num_preemptions += 1
 
