@@ -66,3 +66,17 @@ def test_bad_input_is_rejected_and_engine_stays_usable(llm):
         llm.generate([{"text": "no ids"}])
     assert not llm.engine.has_unfinished()
     assert llm.generate("Hello", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_speculative_decoding_through_the_facade(llm):
+    """A tiny random MTP model with SmolLM2's tokenizer: same text with and without speculation."""
+    from nanoseek.model import Transformer
+    from nanoseek.model.presets import tiny_deepseek_v3
+    model = Transformer(tiny_deepseek_v3(vocab_size=llm.tokenizer.vocab_size, n_mtp_layers=1)).eval()
+    plain = LLM(model, tokenizer=llm.tokenizer, num_blocks=64)
+    spec = LLM(model, tokenizer=llm.tokenizer, num_blocks=64, num_speculative_tokens=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    a, b = plain.generate("Once upon a time", params)[0], spec.generate("Once upon a time", params)[0]
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert b.num_draft_tokens > 0 and 0.0 <= b.acceptance_rate <= 1.0
+    assert a.acceptance_rate is None

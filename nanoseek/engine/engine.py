@@ -90,6 +90,7 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len "
                              f"{self.max_model_len}")
+        self.scheduler.check_fits(len(prompt_ids))       # before any state exists, so nothing leaks
         seqs, parent = [], None
         for index in range(params.n):
             seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, index, parent=parent)

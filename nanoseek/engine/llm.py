@@ -59,6 +59,12 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = False
     metrics: RequestMetrics | None = None
+    num_draft_tokens: int = 0           # MTP speculative decoding: drafts proposed ...
+    num_accepted_tokens: int = 0        # ... and accepted, over all samples
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     # the first sample's fields, for the common n = 1 case: out[0].text
     text = property(lambda self: self.outputs[0].text)
@@ -120,10 +126,18 @@ class LLM:
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
         request.num_cached_tokens = step.num_cached_tokens
-        completion.token_ids.extend(step.new_token_ids)
+        request.num_draft_tokens += step.num_draft_tokens
+        request.num_accepted_tokens += step.num_accepted_tokens
+        pieces, kept = [], 0
+        for token in step.new_token_ids:        # a speculative step may bring several tokens
+            pieces.append(detok.push(token))
+            kept += 1
+            if detok.stopped:                   # tokens after a stop string are dropped with it
+                break
+        completion.token_ids.extend(step.new_token_ids[:kept])
         if request._params.logprobs is not None:
-            completion.logprobs = (completion.logprobs or []) + step.new_logprobs
-        delta = "".join(detok.push(t) for t in step.new_token_ids)
+            completion.logprobs = (completion.logprobs or []) + step.new_logprobs[:kept]
+        delta = "".join(pieces)
         if detok.stopped and not step.finished:          # a stop string: end the sample here
             self.engine.abort_sample(request.request_id, step.index, "stop")
             step.finished, step.finish_reason = True, "stop"

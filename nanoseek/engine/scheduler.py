@@ -83,11 +83,15 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        needed = -(-(seq.num_prompt_tokens + 1) // self.pool.block_size)
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """A prompt that could never run, even alone in the pool, is refused up front."""
+        needed = -(-(num_prompt_tokens + 1) // self.pool.block_size)
         if needed > self.pool.num_blocks:
-            raise ValueError(f"prompt of {seq.num_prompt_tokens} tokens needs {needed} KV blocks; the pool has "
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens needs {needed} KV blocks; the pool has "
                              f"{self.pool.num_blocks} (raise the cache size)")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
