@@ -29,7 +29,7 @@ class GenerateConfig:
     top_p: float = arg(1.0, "nucleus sampling mass")
     top_k: int = arg(0, "keep the k most likely tokens (0 = all)")
     seed: int | None = arg(None, "sampling seed")
-    dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)")
+    dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
 
 

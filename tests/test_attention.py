@@ -58,3 +58,17 @@ def test_bfloat16_forward_close_to_float32():
         low = model.to(torch.bfloat16)(ids).float().softmax(-1)
     assert model.layers[1].ffn.gate.bias.dtype == torch.float32    # the balancing bias stays float32
     assert (ref - low).abs().max() < 0.05
+
+
+def test_grouped_attention_matches_sdpa_on_strided_inputs():
+    import torch.nn.functional as F
+    from nanoseek.model.attention import _attend_grouped
+    B, T, S, H, Hkv, D = 3, 4, 9, 6, 2, 8
+    q = torch.randn(B, T, H, D).transpose(1, 2)             # strided, as GQA.forward passes them
+    k, v = torch.randn(B, S, Hkv, D).transpose(1, 2), torch.randn(B, S, Hkv, D).transpose(1, 2)
+    mask = torch.rand(B, T, S) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3, enable_gqa=True)
+    assert (_attend_grouped(q, k, v, mask, 0.3) - want).abs().max() < 1e-5
+    low = _attend_grouped(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.3).float()
+    assert (low - want).abs().max() < 0.05

@@ -80,9 +80,16 @@ class RequestOutput:
 
 
 def _default_device_dtype(device, dtype) -> tuple[str, str]:
+    """CUDA -> bfloat16; a CPU with native bf16 matmuls (AVX512-BF16 / AMX) -> bfloat16, else float32.
+
+    bf16 weights halve the bytes each decode step reads and run ~2-3x faster matmuls on such CPUs;
+    greedy text may drift from float32 after some tokens. Parity tests pin dtype="float32".
+    """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
     if dtype in (None, "auto"):
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        fast_bf16 = str(device).startswith("cuda") or torch.cpu._is_avx512_bf16_supported() \
+            or torch.cpu._is_amx_tile_supported()
+        dtype = "bfloat16" if fast_bf16 else "float32"
     return device, dtype
 
 

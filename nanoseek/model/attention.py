@@ -23,8 +23,27 @@ def _attend(q, k, v, mask, scale):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
+    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+        return _attend_grouped(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_grouped(q, k, v, mask, scale):
+    """Masked attention as two batched matmuls, each KV head serving its G query heads at once.
+
+    On CPU, torch's SDPA kernel is about 6x slower in bf16 than this for decode-shaped inputs
+    (T = 1, measured at B = 32, S = 150); the softmax still runs in float32.
+    q (B, H, T, D), k / v (B, Hkv, S, D), mask (B, T, S) -> (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)                                # heads h = kv * G + g
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G*T, S)
+    keep = mask.view(B, 1, 1, T, S).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    probs = scores.masked_fill_(~keep, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, T, D)
 
 
 class GQA(nn.Module):
