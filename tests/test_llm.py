@@ -17,16 +17,21 @@ def llm():
 
 @pytest.mark.slow
 def test_batched_greedy_equals_transformers_on_8_prompts(llm, hf_smollm2):
+    """A continuously changing batch: a small token budget staggers admissions (chunked prefill
+    beside running decodes) and different max_tokens make requests leave at different steps."""
     hf_model, _ = hf_smollm2
+    busy = LLM(llm.model, tokenizer=llm.tokenizer, num_blocks=256, block_size=16, max_num_batched_tokens=40)
     prompts = [llm.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = llm.generate(prompts, params)
-    for prompt, out in zip(prompts, outs):
+    params = [SamplingParams(temperature=0, max_tokens=12 + 2 * i, ignore_eos=True) for i in range(len(prompts))]
+    outs = busy.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, outs):
         ids = torch.tensor([prompt["prompt_token_ids"]])
         with torch.no_grad():
-            want = hf_model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+            want = hf_model.generate(ids, max_new_tokens=p.max_tokens, do_sample=False, eos_token_id=None,
                                      pad_token_id=0)[0, ids.shape[1]:].tolist()
         assert out.token_ids == want
+    alone = llm.generate(prompts[3], params[3])[0]                  # one request at a time: the same
+    assert alone.token_ids == outs[3].token_ids
     assert "Paris" in outs[0].text
 
 
