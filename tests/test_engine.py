@@ -9,32 +9,13 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def full_forward_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+from reference import GREEDY, full_forward_greedy
+from reference import run as run_requests
 
 
 def run(engine, requests, stagger=False):
-    """requests: {id: (prompt, params)}; with stagger, a new request joins every other step."""
-    outputs = {rid: [] for rid in requests}
-    pending = list(requests.items())
-    if not stagger:
-        for rid, (prompt, params) in pending:
-            engine.add_request(rid, prompt, params)
-        pending = []
-    while pending or engine.has_unfinished():
-        if pending:
-            rid, (prompt, params) = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-        for out in engine.step():
-            outputs[out.request_id].extend(out.new_token_ids)
-    return outputs
+    """{id: generated token ids}; see reference.run."""
+    return run_requests(engine, requests, stagger)[0]
 
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "llama"])
