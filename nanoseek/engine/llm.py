@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoint import load
+from ..model.quant import quantize_
 from ..tokenizer import split_reasoning
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, EngineConfig, StepOutput
@@ -95,7 +96,7 @@ def _default_device_dtype(device, dtype) -> tuple[str, str]:
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", tokenizer=None,
-                 seed: int = 0, **engine_kwargs):
+                 seed: int = 0, quantization: str | None = None, **engine_kwargs):
         device, dtype = _default_device_dtype(device, dtype)
         if isinstance(model, str):
             model, found = load(model, dtype=dtype, device=device, tokenizer=tokenizer is None)
@@ -103,6 +104,10 @@ class LLM:
         if tokenizer is None:
             raise ValueError("LLM(model_object) needs tokenizer=...: a bare model carries no tokenizer")
         self.model, self.tokenizer = model, tokenizer
+        if quantization is not None:   # "int4" / "int8": weight-only, CPU kernels (model/quant.py)
+            if quantization not in ("int4", "int8") or model.embed.weight.device.type != "cpu":
+                raise ValueError(f"quantization={quantization!r}: 'int4' or 'int8', for a model on the CPU")
+            quantize_(model, bits=int(quantization[3:]))
         self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
         self._next_id = 0
 
