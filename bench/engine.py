@@ -108,10 +108,15 @@ class NanoseekRunner:
     """nanoseek's LLM: continuous batching and a prefix cache; TTFT from each request's own metrics."""
     has_prefix_cache = True
 
-    def __init__(self, model: str, dtype: str):
+    def __init__(self, model: str, dtype: str, quantization: str | None = None):
         from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
-        self.make, self.params = (lambda: LLM(model, dtype=dtype)), SamplingParams
-        self.llm, self.name, self.weights, self.notes = self.make(), "nanoseek", dtype, []
+        # CPU like the peers, even where CUDA is available; quantization only when asked (older LLMs lack it)
+        extra = {"quantization": quantization} if quantization else {}
+        self.make, self.params = (lambda: LLM(model, dtype=dtype, device="cpu", **extra)), SamplingParams
+        self.llm, self.name, self.cache_hits = self.make(), "nanoseek", []
+        weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
+        self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
+        self.weights += f" + {quantization} linears" if quantization else ""
 
     def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
         if hasattr(self.llm, "reset_prefix_cache"):
@@ -135,11 +140,13 @@ class NanoseekRunner:
         self._fresh()
         self._run([first], 1)
         _, ttfts, outs = self._run([second], 1)
-        note = f"nanoseek's cached-prefix request reused {getattr(outs[0], 'num_cached_tokens', '?')} of its " \
-               f"{len(second)} prompt tokens."
-        if note not in self.notes:
-            self.notes.append(note)
+        self.cache_hits.append(f"{getattr(outs[0], 'num_cached_tokens', '?')}/{len(second)}")
         return ttfts[0]
+
+    @property
+    def notes(self) -> list[str]:
+        hits = f"nanoseek's cached-prefix requests took {', '.join(self.cache_hits)} prompt tokens from the cache."
+        return [hits] if self.cache_hits else []
 
     def close(self) -> None:
         del self.llm
@@ -223,7 +230,7 @@ class LlamaCppRunner:
         getattr(self.llm, "close", lambda: None)()
 
 
-# ---- measurements: each takes a runner (engine_peers.py) and the workload ------------------------
+# ---- measurements: each takes a runner (above) and the workload ---------------------------------
 
 def measure_throughput(runner, work: Workload) -> dict:
     """Output tokens/s with N requests submitted at once, and their mean TTFT."""
@@ -232,6 +239,8 @@ def measure_throughput(runner, work: Workload) -> dict:
         wall, ttfts = runner.generate(work.prompts[:n], work.new_tokens)
         out[f"tok_s@{n}"] = n * work.new_tokens / wall
         out[f"ttft_mean@{n}"] = statistics.mean(ttfts)
+        if n == 1:  # the steady decode rate, without the prefill (what llama-bench's tg reports)
+            out["decode_tok_s"] = (work.new_tokens - 1) / (wall - ttfts[0])
     return out
 
 
@@ -284,6 +293,7 @@ class Row:
 def table_rows(work: Workload) -> list[Row]:
     n_prefill, n_prefix = len(work.long_prompt), len(work.prefix)
     rows = [Row(f"tok_s@{n}", f"output tok/s, {n} concurrent × {work.new_tokens} new", "{:.1f}") for n in work.concurrency]
+    rows.append(Row("decode_tok_s", "decode tok/s, 1 request, after its first token", "{:.1f}"))
     rows.append(Row("ttft", "TTFT, 1 request (ms)", "{:.0f}", False, 1e3))
     rows.append(Row(f"ttft_mean@{max(work.concurrency)}", f"TTFT, mean of {max(work.concurrency)} concurrent (ms)",
                     "{:.0f}", False, 1e3))
@@ -312,7 +322,7 @@ def ratio(results: dict, row_key: str, peer: str, higher_is_better: bool = True)
     return ours / theirs if higher_is_better else theirs / ours
 
 
-def machine_info(threads: int, load_before: tuple) -> str:
+def machine_info(threads: int, load_before: tuple, load_after: tuple) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     import torch
@@ -322,9 +332,10 @@ def machine_info(threads: int, load_before: tuple) -> str:
             versions.append(f"{name} {__import__(module).__version__}")
         except ImportError:
             pass
-    load = ", ".join(f"{x:.2f}" for x in load_before)
+    load = " / ".join(", ".join(f"{x:.2f}" for x in avg) for avg in (load_before, load_after))
+    # a load well above `threads` means something else shared the CPUs: the numbers are then suspect
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads for every system; {', '.join(versions)}; "
-            f"Python {platform.python_version()}; load average before the run {load}")
+            f"Python {platform.python_version()}; load average (1, 5, 15 min) before / after the run: {load}")
 
 
 def render(results: dict, columns: dict, work: Workload, command: str, machine: str, notes: list[str]) -> str:
@@ -364,19 +375,21 @@ def write_section(path: Path, text: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nResults, with the commands that made them.\n"
     if SECTION_START in old and SECTION_END in old:
         before, rest = old.split(SECTION_START, 1)
-        new = before + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        new = before + section + ("\n" + after if after else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new, encoding="utf-8")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="nanoseek bench engine", description=__doc__.split("\n\n")[0])
+def parse_args(argv, prog: str):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="built-in name or .gguf file (the peers need a GGUF)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens, 1 and 4 concurrent, no repeats")
     p.add_argument("--peers", default="transformers,llama.cpp", help="comma list of transformers, llama.cpp (or none)")
     p.add_argument("--dtype", default="bfloat16", help="nanoseek's weight dtype")
+    p.add_argument("--quantization", default=None, help="nanoseek's weight-only quantization: int4 | int8")
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="transformers' weight dtypes, comma list")
     p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: torch's)")
@@ -386,7 +399,7 @@ def parse_args(argv):
 
 def main(argv=None, prog: str = "python -m bench.engine") -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     load_before = os.getloadavg()
     import torch
     from nanoseek.checkpoint import resolve
@@ -399,25 +412,26 @@ def main(argv=None, prog: str = "python -m bench.engine") -> dict:
     tokenizer = load_tokenizer(gguf)
     work = build_workload(tokenizer, args.quick)
     peers = [p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")]
-    runners, notes = [], []
-    if not args.no_nanoseek:
-        try:
-            runners.append(NanoseekRunner(args.model, args.dtype))
-        except ImportError as e:  # the engine may not exist yet on this checkout: still measure the peers
-            notes.append(f"nanoseek not measured: {e}")
-            print(f"note: nanoseek not measured ({e}); running the peers only", file=sys.stderr)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    systems = [] if args.no_nanoseek else [lambda: NanoseekRunner(args.model, args.dtype, args.quantization)]
+    notes = []
     if "transformers" in peers:
-        runners += [TransformersRunner(gguf, dtype, tokenizer.pad_token_id or tokenizer.eos_token_id)
-                    for dtype in args.hf_dtype.split(",")]
+        systems += [lambda dtype=dtype: TransformersRunner(gguf, dtype, pad_id) for dtype in args.hf_dtype.split(",")]
         notes.append("transformers: the Q4_1 GGUF dequantized to the dtype shown; one static batch per "
                      "concurrency level (every request waits for the batch's prefill), sdpa attention.")
     if "llama.cpp" in peers:
-        runners.append(LlamaCppRunner(gguf, threads))
+        systems.append(lambda: LlamaCppRunner(gguf, threads))
         notes.append("llama.cpp: its Python API has no batching, so N concurrent requests run one after another "
                      "(TTFT of request i includes the i-1 before it); its prefix cache is llama-cpp-python's "
                      "longest-common-prefix reuse of the previous prompt.")
     results, columns = {}, {}
-    for runner in runners:  # one at a time: each system gets the machine to itself
+    for make in systems:  # one loaded at a time: each system gets the machine (and memory) to itself
+        try:
+            runner = make()
+        except ImportError as e:  # nanoseek's engine on an old checkout, a peer without the bench extra: skip it
+            notes.append(f"not measured: {e}")
+            print(f"note: not measured ({e})", file=sys.stderr)
+            continue
         print(f"{runner.name} ({runner.weights}) ...", file=sys.stderr)
         results[runner.name], columns[runner.name] = run_system(runner, work), runner.weights
         notes += runner.notes
@@ -425,7 +439,7 @@ def main(argv=None, prog: str = "python -m bench.engine") -> dict:
     if "nanoseek" not in columns:
         columns = {"nanoseek": args.dtype, **columns}
     command = " ".join([prog, *map(shlex.quote, argv)])
-    text = render(results, columns, work, command, machine_info(threads, load_before), notes)
+    text = render(results, columns, work, command, machine_info(threads, load_before, os.getloadavg()), notes)
     print(text)
     if args.out:
         write_section(Path(args.out), text)
