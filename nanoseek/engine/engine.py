@@ -148,13 +148,13 @@ class Engine:
         if plain:
             rows.append(self._forward(plain, [1] * len(plain)))
             ready.extend(plain)
-        for seq, n in batch.items():
-            if seq.num_remaining > 1:
-                completes = n == seq.num_remaining
-                logits = self._forward([seq], [n], need_logits=completes)
-                if completes:
-                    rows.append(logits)
-                    ready.append(seq)
+        chunks = [(seq, n) for seq, n in batch.items() if seq.num_remaining > 1]
+        if chunks:                                   # every prefill chunk of this step in one forward
+            completes = [n == seq.num_remaining for seq, n in chunks]
+            logits = self._forward([s for s, _ in chunks], [n for _, n in chunks], need_logits=any(completes))
+            if logits is not None:
+                rows.append(logits[torch.tensor(completes, device=logits.device)])
+                ready.extend(seq for (seq, _), c in zip(chunks, completes) if c)
         for seq, n in batch.items():
             if seq not in verifying:
                 self.scheduler.computed(seq, n)
@@ -178,17 +178,27 @@ class Engine:
         return self.model.hidden_states(ids, positions, paged_cache(self.pool, seqs, positions))
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
-        """Run (B, n) new tokens of seqs through the model; logits (B, vocab) of each row's last token."""
-        device = self.device
-        ids = [s.token_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, counts)]
-        positions = [list(range(s.num_computed, s.num_computed + n)) for s, n in zip(seqs, counts)]
+        """Run the next counts[i] tokens of seqs[i] in one (B, max n) forward; logits (B, vocab) at
+        each row's last new token.
+
+        Shorter rows are padded by repeating their last token at its position: the copy computes
+        exactly what the original does and writes the same values to the same cache slot, so
+        padding needs no mask and no scratch memory.
+        """
+        device, width = self.device, max(counts)
+        ids, positions = [], []
+        for s, n in zip(seqs, counts):
+            row = s.token_ids[s.num_computed: s.num_computed + n]
+            ids.append(row + [row[-1]] * (width - n))
+            positions.append(list(range(s.num_computed, s.num_computed + n)) + [s.num_computed + n - 1] * (width - n))
         hidden = self._run(seqs, torch.tensor(ids, device=device), torch.tensor(positions, device=device))
+        last = torch.tensor(counts, device=device) - 1
         if not self.speculator:
-            return self.model.logits(hidden[:, -1]) if need_logits else None
+            return self.model.logits(hidden[torch.arange(len(seqs), device=device), last]) if need_logits else None
         normed = self.model.norm(hidden)                          # (B, n, D): h^0, what MTP module 1 reads
-        for seq, row in zip(seqs, normed):
-            self.speculator.record(seq, row, seq.num_computed)
-        return self.model.output_head(normed[:, -1]) if need_logits else None
+        for seq, row, n in zip(seqs, normed, counts):
+            self.speculator.record(seq, row[:n], seq.num_computed)
+        return self.model.output_head(normed[torch.arange(len(seqs), device=device), last]) if need_logits else None
 
     def _verify(self, seqs: list[Sequence]) -> list[tuple[Sequence, StepOutput]]:
         """Speculating sequences: one (B, 1 + k) forward over [last token, drafts], then accept (speculative.py)."""
