@@ -2,9 +2,10 @@
 
     step = schedule() -> model forward(s) -> sample -> append tokens -> finish or continue
 
-All decoding sequences share one batched forward of (B, 1) tokens; prefill chunks run as
-(1, n) forwards in the same step (attention cost stays linear in each sequence's own length;
-only the last position's logits are projected onto the vocabulary). The engine knows token ids
+All decoding sequences share one batched forward of (B, 1) tokens; the step's prefill chunks
+share a second one of (P, longest chunk), shorter rows padded by repeating their last token (a
+decode row is not padded to a chunk's length: that would multiply its cost). Only each row's
+last position is projected onto the vocabulary. The engine knows token ids
 only; text, chat templates and stop strings live in the LLM facade (llm.py).
 
 With `num_speculative_tokens = k > 0` (a model with MTP layers), greedy sequences also verify k
