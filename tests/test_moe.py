@@ -47,7 +47,7 @@ def test_update_expert_bias_sign_rule():
 
 
 def test_expert_load_and_balance_loss():
-    B, T, E, K = 2, 4, 4, 2
+    B, T, E = 2, 4, 4
     # perfectly balanced routing with uniform scores: f_i = 1, P_i = 1/E  ->  L = alpha
     indices = torch.tensor([[0, 1], [2, 3]] * (B * T // 2))
     routing = Routing(torch.full((B * T, E), 0.5), indices, (B, T))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .kv_cache import BlockPool, PagedCache
+from .kv_cache import BlockPool
 from .sampling import SamplerState, SamplingParams, sample
 from .scheduler import Scheduler, Sequence, paged_cache
 from .speculative import MTPSpeculator, SpecStats
