@@ -201,7 +201,8 @@ class MTPSpeculator:
         prev = torch.stack([self.states[seq].hidden[torch.tensor(pos, device=device) - start]
                             for seq, pos, start in zip(seqs, positions, starts)])          # (B, W, D) normed h^0
         positions_t = torch.tensor(positions, device=device)                              # (B, W)
-        cache, rope = paged_cache(self.pool, seqs, positions_t), model.rotary(positions_t)
+        dtype = model.embed.weight.dtype
+        cache, rope = paged_cache(self.pool, seqs, positions_t), model.rotary(positions_t, dtype)
         last = torch.tensor([end - 1 - start for (_, end, _, _), start in zip(rows, starts)], device=device)
         batch = torch.arange(len(rows), device=device)
         drafting = [b for b, row in enumerate(rows) if row[3] > 0]
@@ -236,7 +237,7 @@ class MTPSpeculator:
             positions = torch.tensor([[len(seq.token_ids) - 2 + extra] for seq in seqs], device=device)  # (R, 1)
             ids = torch.tensor([[drafts[b][-1]] for b in live], device=device)
             prev = last_hidden[live].unsqueeze(1)                                        # (R, 1, D)
-            h = model.mtp[K - 1](prev, model.embed(ids), model.rotary(positions), positions,
+            h = model.mtp[K - 1](prev, model.embed(ids), model.rotary(positions, model.embed.weight.dtype), positions,
                                  paged_cache(self.pool, seqs, positions))[:, 0]          # (R, D)
             for b, token in zip(live, model.output_head(h).argmax(-1).tolist()):
                 drafts[b].append(token)

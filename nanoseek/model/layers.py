@@ -119,10 +119,12 @@ class Rotary(nn.Module):
         self.inv_freq = self.inv_freq.float()    # angles stay float32 whatever the model dtype
         return self
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int -> cos, sin (B, T, rope_dim / 2) in float32."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int -> cos, sin (B, T, rope_dim / 2): float32 angles, cast once to dtype
+        (the activation dtype) so no layer casts them again."""
         angles = positions.float().unsqueeze(-1) * self.inv_freq.float()
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

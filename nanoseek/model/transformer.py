@@ -74,8 +74,8 @@ class Transformer(nn.Module):
         """Final hidden states (B, T, D) after the last block, before the final norm."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
-        rope = self.rotary(positions)
         x = self.embed(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, positions, cache, routing)
         return x
@@ -94,7 +94,8 @@ class Transformer(nn.Module):
         Returns (logits (B, T, vocab) predicting t_{i+k+1}, normed h^k for the next depth).
         """
         module = self.mtp[depth - 1]
-        h = module(prev_hidden, self.embed(next_ids), self.rotary(positions), positions, cache, routing)
+        rope = self.rotary(positions, prev_hidden.dtype)
+        h = module(prev_hidden, self.embed(next_ids), rope, positions, cache, routing)
         return self.output_head(h), h
 
     def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, routing=None) -> list[torch.Tensor]:
