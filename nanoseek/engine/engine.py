@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .kv_cache import BlockPool
+from .kv_cache import BlockPool, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
-from .scheduler import Scheduler, Sequence, paged_cache
+from .scheduler import Scheduler, Sequence
 from .speculative import MTPSpeculator, SpecStats
 
 
@@ -76,6 +76,7 @@ class Engine:
         self.requests: dict[str, list[Sequence]] = {}
         self.states: dict[Sequence, SamplerState] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)   # for unseeded requests
+        self._params = list(model.parameters())      # read every step for their version counters
         self._weights_version = self._version()
 
     # ------------------------------------------------------------------ requests
@@ -103,12 +104,9 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks go back to the pool at once."""
-        for seq in self.requests.pop(request_id, []):
+        for seq in self.requests.get(request_id, []):
             if seq.finish_reason is None:
-                self.scheduler.finish(seq, "abort")
-            self.states.pop(seq, None)
-            if self.speculator:
-                self.speculator.forget(seq)
+                self.finish(seq, "abort")
 
     def abort_sample(self, request_id: str, index: int, reason: str = "abort") -> None:
         """End one of a request's n samples (the LLM facade does this when a stop string appears)."""
@@ -176,7 +174,8 @@ class Engine:
 
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, positions (B, T) of seqs -> final hidden states (B, T, D), before the final norm."""
-        return self.model.hidden_states(ids, positions, paged_cache(self.pool, seqs, positions))
+        cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions)
+        return self.model.hidden_states(ids, positions, cache)
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
         """Run the next counts[i] tokens of seqs[i] in one (B, max n) forward; logits (B, vocab) at
@@ -248,4 +247,4 @@ class Engine:
             self.requests.pop(seq.request_id, None)
 
     def _version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return sum(p._version for p in self._params)

@@ -21,9 +21,10 @@ from ..model.cache import cache_entry_shapes
 from ..model.config import ModelConfig
 
 
-def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """Chained hashes of the full blocks of token_ids: h_i = hash((h_{i-1}, block_i tokens))."""
-    hashes, parent = [], None
+def block_hashes(token_ids: list[int], block_size: int, parent: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of token_ids: h_i = hash((h_{i-1}, block_i tokens)).
+    `parent` continues a chain: the hash of the block just before token_ids[0]."""
+    hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, tuple(token_ids[start:start + block_size])))
         hashes.append(parent)
@@ -103,6 +104,14 @@ class PagedCache:
         offsets = torch.arange(bs, device=block_tables.device)
         # (B, S): pool slot of every visible key position, shared by all layers of this forward
         self.gather = (block_tables.unsqueeze(-1) * bs + offsets).flatten(1)[:, :seq_len]
+
+    @classmethod
+    def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> "PagedCache":
+        """New tokens at positions (B, T) of rows whose blocks are block_tables: each goes to its slot."""
+        bs, width = pool.block_size, max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=positions.device)  # (B, W)
+        slots = tables.gather(1, positions // bs) * bs + positions % bs                                  # (B, T)
+        return cls(pool, slots, tables, int(positions.max()) + 1)
 
     def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
         out = []

@@ -22,9 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from .kv_cache import BlockPool, PagedCache, block_hashes
+from .kv_cache import BlockPool, block_hashes
 
 
 @dataclass(eq=False)
@@ -38,7 +36,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0                # tokens whose KV entries are in the cache
     num_cached_tokens: int = 0           # prompt tokens served by the prefix cache
-    num_hashed_blocks: int = 0
+    block_hashes: list[int] = field(default_factory=list)   # chained hashes of the full blocks so far
     num_preemptions: int = 0
     num_lookahead: int = 0               # draft tokens its next decode verifies (speculative decoding)
     finish_reason: str | None = None
@@ -59,16 +57,6 @@ class Sequence:
     @property
     def prompt_cached(self) -> bool:
         return self.num_computed >= self.num_prompt_tokens
-
-
-def paged_cache(pool: BlockPool, seqs: list[Sequence], positions: torch.Tensor) -> PagedCache:
-    """The model's cache argument for new tokens of seqs at positions (B, T): each goes to its slot."""
-    bs = pool.block_size
-    tables = [s.block_table for s in seqs]
-    width = max(len(t) for t in tables)
-    tables_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=positions.device)   # (B, W)
-    slots = tables_t.gather(1, positions // bs) * bs + positions % bs                              # (B, T)
-    return PagedCache(pool, slots, tables_t, int(positions.max()) + 1)
 
 
 class Scheduler:
@@ -102,9 +90,9 @@ class Scheduler:
         for seq in [s for s in self.running if s.num_remaining == 1]:  # 1. decodes
             if seq not in self.running:                                # preempted below by a later one
                 continue
-            if seq.num_lookahead and not self._reserve(seq, 1 + seq.num_lookahead):
+            if seq.num_lookahead and not self.reserve(seq, 1 + seq.num_lookahead):
                 seq.num_lookahead = 0                                  # drafts never cost a preemption
-            while not self._reserve(seq, 1):
+            while not self.reserve(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.pop(victim, None)
@@ -115,7 +103,7 @@ class Scheduler:
                 budget -= batch[seq]
         for seq in [s for s in self.running if s.num_remaining > 1]:   # 2. chunked prefills
             n = min(seq.num_remaining, budget)
-            if n > 0 and self._reserve(seq, n):
+            if n > 0 and self.reserve(seq, n):
                 batch[seq] = n
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admissions
@@ -124,7 +112,7 @@ class Scheduler:
                 break                                                  # its siblings share the prompt soon
             self._admit(seq)
             n = min(seq.num_remaining, budget)
-            if not self._reserve(seq, n):
+            if not self.reserve(seq, n):
                 self._free(seq)
                 break
             self.waiting.popleft()
@@ -144,18 +132,15 @@ class Scheduler:
             if block is None:
                 break
             seq.block_table.append(block)
+            seq.block_hashes.append(h)
         for _ in range(min(-(-self.prefix_hit_margin // bs), len(seq.block_table))):
             self.pool.release(seq.block_table.pop())
+            seq.block_hashes.pop()
         seq.num_computed = len(seq.block_table) * bs
-        seq.num_hashed_blocks = len(seq.block_table)
         if seq.num_preemptions == 0:      # hits are reported for the prompt as first submitted
             seq.num_cached_tokens = min(seq.num_computed, seq.num_prompt_tokens)
 
     def reserve(self, seq: Sequence, n: int) -> bool:
-        """Blocks for n tokens past seq's computed ones, if the pool has them (no preemption)."""
-        return self._reserve(seq, n)
-
-    def _reserve(self, seq: Sequence, n: int) -> bool:
         """Make sure seq has blocks for n more tokens; all or nothing."""
         needed = -(-(seq.num_computed + n) // self.pool.block_size) - len(seq.block_table)
         if needed > self.pool.num_free:
@@ -174,7 +159,7 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         for block in seq.block_table:
             self.pool.release(block)
-        seq.block_table, seq.num_computed, seq.num_hashed_blocks = [], 0, 0
+        seq.block_table, seq.num_computed, seq.block_hashes = [], 0, []
 
     def computed(self, seq: Sequence, n: int) -> None:
         """n more tokens of seq are in the cache: hash the blocks that just became full."""
@@ -182,12 +167,12 @@ class Scheduler:
         if not self.enable_prefix_caching:
             return
         bs = self.pool.block_size
-        full = min(seq.num_computed, len(seq.token_ids)) // bs
-        if full > seq.num_hashed_blocks:
-            hashes = block_hashes(seq.token_ids[: full * bs], bs)
-            for i in range(seq.num_hashed_blocks, full):
-                self.pool.register(seq.block_table[i], hashes[i])
-            seq.num_hashed_blocks = full
+        done, full = len(seq.block_hashes), min(seq.num_computed, len(seq.token_ids)) // bs
+        if full > done:                  # extend the chain from the last hash, not from token 0
+            parent = seq.block_hashes[-1] if done else None
+            for i, h in enumerate(block_hashes(seq.token_ids[done * bs: full * bs], bs, parent), done):
+                self.pool.register(seq.block_table[i], h)
+                seq.block_hashes.append(h)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove seq (running or waiting) and release its blocks at once (abort or completion)."""

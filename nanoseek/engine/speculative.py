@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
+from .kv_cache import PagedCache
 from .sampling import sample
-from .scheduler import Scheduler, Sequence, paged_cache
+from .scheduler import Scheduler, Sequence
 
 
 @dataclass
@@ -202,7 +203,8 @@ class MTPSpeculator:
                             for seq, pos, start in zip(seqs, positions, starts)])          # (B, W, D) normed h^0
         positions_t = torch.tensor(positions, device=device)                              # (B, W)
         dtype = model.embed.weight.dtype
-        cache, rope = paged_cache(self.pool, seqs, positions_t), model.rotary(positions_t, dtype)
+        cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions_t)
+        rope = model.rotary(positions_t, dtype)
         last = torch.tensor([end - 1 - start for (_, end, _, _), start in zip(rows, starts)], device=device)
         batch = torch.arange(len(rows), device=device)
         drafting = [b for b, row in enumerate(rows) if row[3] > 0]
@@ -237,8 +239,9 @@ class MTPSpeculator:
             positions = torch.tensor([[len(seq.token_ids) - 2 + extra] for seq in seqs], device=device)  # (R, 1)
             ids = torch.tensor([[drafts[b][-1]] for b in live], device=device)
             prev = last_hidden[live].unsqueeze(1)                                        # (R, 1, D)
-            h = model.mtp[K - 1](prev, model.embed(ids), model.rotary(positions, model.embed.weight.dtype), positions,
-                                 paged_cache(self.pool, seqs, positions))[:, 0]          # (R, D)
+            cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions)
+            rope = model.rotary(positions, prev.dtype)
+            h = model.mtp[K - 1](prev, model.embed(ids), rope, positions, cache)[:, 0]               # (R, D)
             for b, token in zip(live, model.output_head(h).argmax(-1).tolist()):
                 drafts[b].append(token)
             last_hidden = last_hidden.index_copy(0, torch.tensor(live, device=device), h)
