@@ -47,7 +47,7 @@ def test_paged_forward_matches_dense_cache(cfg):
     def paged(start, end):
         positions = torch.arange(start, end)[None]
         slots = torch.tensor([[table[p // 4] * 4 + p % 4 for p in range(start, end)]])
-        return model(ids[:, start:end], positions, PagedCache(pool, slots, torch.tensor([table]), end))
+        return model(ids[:, start:end], positions, PagedCache(pool, slots, torch.tensor([table]), positions))
 
     with torch.no_grad():
         got = torch.cat([paged(0, 9), paged(9, 10), paged(10, 13)], dim=1)

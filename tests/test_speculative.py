@@ -180,7 +180,7 @@ def reference_mtp(model, ids, k):
 def engine_mtp_cache(engine, seq, n_positions):
     bs, L = engine.pool.block_size, engine.model.cfg.n_layers
     slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(n_positions)])
-    return [engine.pool.tensors[L + j][0][slots] for j in range(engine.model.cfg.n_mtp_layers)]
+    return [engine.pool.read(L + j, 0, slots) for j in range(engine.model.cfg.n_mtp_layers)]
 
 
 def test_mtp_cache_and_drafts_match_a_from_scratch_chain(model, monkeypatch):

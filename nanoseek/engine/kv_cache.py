@@ -3,6 +3,10 @@
 Memory is one tensor per (layer, cache entry) of `num_blocks * block_size` token slots, allocated
 once (no per-step reallocation). What a slot holds comes from the model (model/cache.py): k and v
 for GQA, or MLA's absorbed latent — kv_lora_rank + qk_rope_head_dim values per token per layer.
+Each tensor is heads-major, (heads, slots, width) (heads = 1 for MLA's latent): gathering a
+batch's blocks then yields (heads, B, S, width), where one batched matmul per layer serves every
+(kv head, row) pair with no further copy; blocks are gathered whole with `index_select`, which
+measured ~7x faster than indexing slot by slot (B = 32, 200 keys, bf16).
 
 Prefix caching (DeepSeek's context cache, vLLM's automatic prefix caching): a *full* block is
 hashed with its token ids and its parent block's hash, so equal prefixes map to equal blocks.
@@ -38,8 +42,9 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         n_layers = cfg.n_layers + cfg.n_mtp_layers
         slots = num_blocks * block_size
-        self.tensors = [[torch.zeros(slots, *shape, dtype=dtype, device=device) for shape in cache_entry_shapes(cfg)]
-                        for _ in range(n_layers)]
+        self.entry_shapes = cache_entry_shapes(cfg)
+        self.tensors = [[torch.zeros(_heads(shape), slots, shape[-1], dtype=dtype, device=device)
+                         for shape in self.entry_shapes] for _ in range(n_layers)]
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}                      # hash -> block id
@@ -50,7 +55,12 @@ class BlockPool:
         return len(self.free)
 
     def bytes_per_token(self) -> int:
-        return sum(t.element_size() * t[0].numel() for layer in self.tensors for t in layer)
+        return sum(t.element_size() * t.shape[0] * t.shape[2] for layer in self.tensors for t in layer)
+
+    def read(self, layer_id: int, entry: int, slots: torch.Tensor) -> torch.Tensor:
+        """What the given slots (N,) hold for one of a layer's entries: (N, *entry shape)."""
+        buf = self.tensors[layer_id][entry]
+        return buf[:, slots].transpose(0, 1).reshape(len(slots), *self.entry_shapes[entry])
 
     def allocate(self) -> int:
         """A fresh block (ref count 1); evicts the least recently freed cached block if it must."""
@@ -94,16 +104,20 @@ class BlockPool:
 class PagedCache:
     """The model's `cache` argument for one forward over rows of (possibly) different sequences.
 
-    slots (B, T): where each new token's entries go; block_tables (B, max_blocks): each row's blocks.
-    A query at position p sees its row's tokens 0..p, gathered block by block from the pool.
+    slots (B, T): where each new token's entries go; block_tables (B, W): each row's blocks;
+    positions (B, T): the new tokens' positions. A query at position p sees its row's tokens 0..p.
     """
 
-    def __init__(self, pool: BlockPool, slots: torch.Tensor, block_tables: torch.Tensor, seq_len: int):
-        self.pool, self.slots = pool, slots.flatten()
-        bs = pool.block_size
-        offsets = torch.arange(bs, device=block_tables.device)
-        # (B, S): pool slot of every visible key position, shared by all layers of this forward
-        self.gather = (block_tables.unsqueeze(-1) * bs + offsets).flatten(1)[:, :seq_len]
+    def __init__(self, pool: BlockPool, slots: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor):
+        self.pool, self.slots, self.blocks = pool, slots.flatten(), block_tables.flatten()
+        self.B, W = block_tables.shape
+        self._rows: dict[int, torch.Tensor] = {}        # heads -> rows of the (heads * num_blocks, ...) view
+        # every row sees its W whole blocks (S = W * block_size keys, the mask hides the unwritten
+        # and padding slots): the gathered memory stays one contiguous (heads, B, S, width) tensor,
+        # which bmm takes as is; a narrower slice would make it copy
+        self.S = W * pool.block_size
+        keys = torch.arange(self.S, device=positions.device)
+        self.mask = keys.view(1, 1, self.S) <= positions.unsqueeze(-1)          # (B, T, S), shared by all layers
 
     @classmethod
     def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> "PagedCache":
@@ -111,13 +125,30 @@ class PagedCache:
         bs, width = pool.block_size, max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=positions.device)  # (B, W)
         slots = tables.gather(1, positions // bs) * bs + positions % bs                                  # (B, T)
-        return cls(pool, slots, tables, int(positions.max()) + 1)
+        return cls(pool, slots, tables, positions)
 
     def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
-        out = []
+        """Write entries (B, T, *shape); return each as (B, S, *shape), a view of (heads, B, S, width)
+        memory, and the mask (B, T, S)."""
+        out, bs = [], self.pool.block_size
         for buf, entry in zip(self.pool.tensors[layer_id], entries):
-            buf.index_copy_(0, self.slots, entry.flatten(0, 1).to(buf.dtype))
-            out.append(buf[self.gather])                                   # (B, S, ...)
-        S = self.gather.shape[1]
-        mask = torch.arange(S, device=positions.device).view(1, 1, S) <= positions.unsqueeze(-1)
-        return (*out, mask)
+            heads, width = buf.shape[0], buf.shape[2]
+            new = entry.reshape(-1, heads, width).transpose(0, 1)                # (heads, B*T, width)
+            buf.index_copy_(1, self.slots, new.to(buf.dtype))
+            # one index_select of whole blocks along dim 0 (along dim 1 it measured ~5x slower)
+            rows = buf.view(-1, bs * width).index_select(0, self._block_rows(heads, buf.shape[1] // bs))
+            rows = rows.view(heads, self.B, self.S, width)
+            out.append(rows.permute(1, 2, 0, 3).reshape(self.B, self.S, *entry.shape[2:]))
+        return (*out, self.mask)
+
+    def _block_rows(self, heads: int, num_blocks: int) -> torch.Tensor:
+        """Row h * num_blocks + block of the pool viewed as (heads * num_blocks, block_size * width), for
+        every head and every block of every row, heads outermost: (heads * B * W,)."""
+        if heads not in self._rows:
+            offsets = torch.arange(heads, device=self.blocks.device).unsqueeze(1) * num_blocks
+            self._rows[heads] = (offsets + self.blocks).flatten()
+        return self._rows[heads]
+
+
+def _heads(shape: tuple[int, ...]) -> int:
+    return shape[0] if len(shape) == 2 else 1

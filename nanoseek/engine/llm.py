@@ -107,7 +107,7 @@ class LLM:
         if quantization is not None:   # "int4" / "int8": weight-only, CPU kernels (model/quant.py)
             if quantization not in ("int4", "int8") or model.embed.weight.device.type != "cpu":
                 raise ValueError(f"quantization={quantization!r}: 'int4' or 'int8', for a model on the CPU")
-            quantize_(model, bits=int(quantization[3:]))
+            quantize_(model, bits=int(quantization[3:]), head=True)
         self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
         self._next_id = 0
 

@@ -23,27 +23,31 @@ def _attend(q, k, v, mask, scale):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+    if q.device.type == "cpu":
         return _attend_grouped(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _attend_grouped(q, k, v, mask, scale):
-    """Masked attention as two batched matmuls, each KV head serving its G query heads at once.
+    """Masked attention as two batched matmuls over (kv head, row) pairs, each serving its G query heads.
 
-    On CPU, torch's SDPA kernel is about 6x slower in bf16 than this for decode-shaped inputs
-    (T = 1, measured at B = 32, S = 150); the softmax still runs in float32.
+    On CPU, torch's masked SDPA is about 6x slower in bf16 than this for decode-shaped inputs
+    (T = 1, measured at B = 32, S = 150); the softmax runs in float32. The paged cache stores
+    k / v heads-major, so `k.transpose(0, 1)` is already (Hkv, B, S, D) memory and the reshape
+    below copies nothing.
     q (B, H, T, D), k / v (B, Hkv, S, D), mask (B, T, S) -> (B, H, T, D).
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    qg = q.reshape(B, Hkv, G * T, D)                                # heads h = kv * G + g
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G*T, S)
-    keep = mask.view(B, 1, 1, T, S).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-    probs = scores.masked_fill_(~keep, float("-inf")).softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).view(B, H, T, D)
+    qg = q.reshape(B, Hkv, G * T, D).transpose(0, 1).reshape(Hkv * B, G * T, D)      # heads h = kv * G + g
+    kg, vg = (t.transpose(0, 1).reshape(Hkv * B, S, D) for t in (k, v))
+    scores = torch.bmm(qg, kg.transpose(1, 2)).float().mul_(scale)                   # (Hkv*B, G*T, S)
+    scores.view(Hkv, B, G, T, S).masked_fill_(~mask.view(1, B, 1, T, S), float("-inf"))
+    o = torch.bmm(scores.softmax(-1).to(vg.dtype), vg)                              # (Hkv*B, G*T, D)
+    # (B, T, H, D) memory, returned as the (B, H, T, D) view callers expect
+    return o.view(Hkv, B, G, T, D).permute(1, 3, 0, 2, 4).reshape(B, T, H, D).transpose(1, 2)
 
 
 class GQA(nn.Module):
@@ -57,16 +61,24 @@ class GQA(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.scale = cfg.head_dim ** -0.5
+        self.wqkv = None        # [wq; wk; wv] in one module, set by model/quant.py's quantize_
 
     def forward(self, x, rope, positions, cache=None):
         B, T, _ = x.shape
         cos, sin = rope
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleave=False)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleave=False)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q = apply_rotary(self.wq(x).view(B, T, H, D), cos, sin, interleave=False)
+            k = apply_rotary(self.wk(x).view(B, T, Hkv, D), cos, sin, interleave=False)
+            v = self.wv(x).view(B, T, Hkv, D)
+        else:   # fused projection: q and k rotate in one call
+            qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
+            qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, interleave=False)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         mask = None
         if cache is not None:
-            k, v, mask = cache.update(self.layer_id, positions, k, v)        # (B, S, Hkv, D)
+            kv, mask = cache.update(self.layer_id, positions, torch.cat([k, v], dim=2))   # (B, S, 2*Hkv, D)
+            k, v = kv[:, :, :Hkv], kv[:, :, Hkv:]
         o = _attend(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask, self.scale)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 

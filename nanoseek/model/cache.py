@@ -4,7 +4,8 @@ An attention layer computes its per-token cache entries and hands them to `cache
 positions, *entries)`; the cache writes them at the given positions and returns every entry the
 queries may see, plus a boolean mask (B, T, S). What a layer stores:
 
-- GQA (Llama, Qwen2): k and v, (B, T, n_kv_heads, head_dim) each.
+- GQA (Llama, Qwen2): ONE tensor [k; v] along heads, (B, T, 2 * n_kv_heads, head_dim): one write and
+  one gather per layer instead of two.
 - MLA (DeepSeek): ONE tensor (B, T, kv_lora_rank + qk_rope_head_dim) = [kv_norm(c_kv); RoPE(k_pe)],
   the absorbed form of DeepSeek-V2 §2.1 — 576 values per token per layer for V3, whatever the
   head count (FlashMLA stores exactly this as a 576-dim key whose first 512 dims are the value).
@@ -24,7 +25,7 @@ def cache_entry_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
     """Per-token shapes of the tensors one attention layer caches."""
     if cfg.is_mla:
         return [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)]
-    return [(cfg.n_kv_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)]
+    return [(2 * cfg.n_kv_heads, cfg.head_dim)]
 
 
 class DenseCache:

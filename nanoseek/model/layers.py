@@ -41,9 +41,13 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(dim, inter_dim, bias=False)   # gate_proj
         self.w2 = nn.Linear(inter_dim, dim, bias=False)   # down_proj
         self.w3 = nn.Linear(dim, inter_dim, bias=False)   # up_proj
+        self.w13 = None        # [w1; w3] in one module, set by model/quant.py's quantize_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
