@@ -108,15 +108,20 @@ class NanoseekRunner:
     """nanoseek's LLM: continuous batching and a prefix cache; TTFT from each request's own metrics."""
     has_prefix_cache = True
 
-    def __init__(self, model: str, dtype: str, quantization: str | None = None):
+    def __init__(self, model: str, dtype: str, quantization: str | None = None, compile: bool = False):
         from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
-        # CPU like the peers, even where CUDA is available; quantization only when asked (older LLMs lack it)
+        # CPU like the peers, even where CUDA is available; options only when asked (older LLMs lack them)
         extra = {"quantization": quantization} if quantization else {}
+        extra.update({"compile": True} if compile else {})
         self.make, self.params = (lambda: LLM(model, dtype=dtype, device="cpu", **extra)), SamplingParams
+        start = time.perf_counter()
         self.llm, self.name, self.cache_hits = self.make(), "nanoseek", []
+        self.startup = [f"nanoseek: loading{' and compiling (warm-up)' if compile else ''} took "
+                        f"{time.perf_counter() - start:.0f} s, not counted in any measurement."]
         weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
         self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
         self.weights += f" + {quantization} linears" if quantization else ""
+        self.weights += ", compiled" if compile else ""
 
     def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
         if hasattr(self.llm, "reset_prefix_cache"):
@@ -146,7 +151,7 @@ class NanoseekRunner:
     @property
     def notes(self) -> list[str]:
         hits = f"nanoseek's cached-prefix requests took {', '.join(self.cache_hits)} prompt tokens from the cache."
-        return [hits] if self.cache_hits else []
+        return self.startup + ([hits] if self.cache_hits else [])
 
     def close(self) -> None:
         del self.llm
@@ -389,7 +394,8 @@ def parse_args(argv, prog: str):
     p.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens, 1 and 4 concurrent, no repeats")
     p.add_argument("--peers", default="transformers,llama.cpp", help="comma list of transformers, llama.cpp (or none)")
     p.add_argument("--dtype", default="bfloat16", help="nanoseek's weight dtype")
-    p.add_argument("--quantization", default=None, help="nanoseek's weight-only quantization: int4 | int8")
+    p.add_argument("--quantization", default=None, help="nanoseek's quantization: int8 (W8A8) | int4 (weights)")
+    p.add_argument("--compile", action="store_true", help="torch.compile nanoseek's forward (warm-up not timed)")
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="transformers' weight dtypes, comma list")
     p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: torch's)")
@@ -413,7 +419,7 @@ def main(argv=None, prog: str = "python -m bench.engine") -> dict:
     work = build_workload(tokenizer, args.quick)
     peers = [p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    systems = [] if args.no_nanoseek else [lambda: NanoseekRunner(args.model, args.dtype, args.quantization)]
+    systems = [] if args.no_nanoseek else [lambda: NanoseekRunner(args.model, args.dtype, args.quantization, args.compile)]
     notes = []
     if "transformers" in peers:
         systems += [lambda dtype=dtype: TransformersRunner(gguf, dtype, pad_id) for dtype in args.hf_dtype.split(",")]

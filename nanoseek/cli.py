@@ -31,6 +31,8 @@ class GenerateConfig:
     seed: int | None = arg(None, "sampling seed")
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
+    quantization: str | None = arg(None, "int8 (weights and activations) | int4 (weights): CPU kernels")
+    compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
 
 
 @dataclass
@@ -90,7 +92,7 @@ def _stream(llm, prompt, cfg: GenerateConfig) -> str:
 
 def _llm(cfg: GenerateConfig):
     from .engine.llm import LLM
-    return LLM(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    return LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization, compile=cfg.compile)
 
 
 def generate_main(cfg: GenerateConfig) -> None:

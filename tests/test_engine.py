@@ -1,6 +1,8 @@
 """Engine correctness: batched == one-at-a-time == full-forward greedy; seeds, stops, logprobs,
 preemption, aborts, prefix caching, n > 1, weight updates."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -182,3 +184,16 @@ def test_bad_requests_are_rejected_cleanly():
     with pytest.raises(ValueError, match="blocks"):
         engine.add_request("c", list(range(3, 200)), SamplingParams())
     assert not engine.has_unfinished()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_engine_equals_eager_greedy():
+    # one layer keeps torch.compile's warm-up (four shapes: 1 or many rows x 1 or many tokens) short
+    torch.manual_seed(0)
+    model = Transformer(tiny_llama(n_layers=1)).eval()
+    requests = {str(i): (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts(4, seed=3))}
+    config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24)
+    compiled = Engine(model, EngineConfig(compile=True, **config))
+    assert compiled.pool.num_free == 64 and not compiled.has_unfinished()     # warm-up left nothing behind
+    assert run(compiled, requests, stagger=True) == run(Engine(model, EngineConfig(**config)), requests, stagger=True)

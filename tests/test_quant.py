@@ -55,15 +55,15 @@ def test_int4_exact_on_the_4bit_grid():
     assert _rel(y, ref) < 4e-3
 
 
-def test_packed_and_dense_paths_agree():
+def test_int4_and_its_int8_copy_agree():
     lin = _linear(bias=True)
-    ql = QuantLinear.from_linear(lin, 4, keep_dense_above=8)
+    ql = QuantLinear.from_linear(lin, 4, int8_above=8)
     x = torch.randn(16, 128).bfloat16()
     with torch.no_grad():
-        small = torch.cat([ql(x[i:i + 4]) for i in range(0, 16, 4)])   # 4 rows: packed kernel
-        big = ql(x)                                                    # 16 rows: dense fallback
-    assert ql.dense_weight is not None and ql.dense_weight.dtype == torch.float32
-    assert _rel(small, big) < 1e-2          # same function; bf16 rounding in different places
+        small = torch.cat([ql(x[i:i + 4]) for i in range(0, 16, 4)])   # 4 rows: int4 kernel
+        big = ql(x)                                                    # 16 rows: int8 of the same weights
+    assert ql.qweight is not None and ql.qweight.dtype == torch.int8
+    assert _rel(small, big) < 2e-2          # int8 rounding of weights and activations (measured ~0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,7 +71,7 @@ def test_int8_rows_do_not_depend_on_the_batch(dtype):
     # per-token activation scales and exact int32 accumulation: a row alone or among 63 others
     # gives the same bits (what seeded sampling under continuous batching relies on)
     ql = QuantLinear.from_linear(_linear(bias=True), 8)
-    assert ql.dense_weight is None and ql.qweight.dtype == torch.int8
+    assert ql.qweight.dtype == torch.int8
     x = torch.randn(64, 128).to(dtype) * torch.logspace(-2, 2, 64).unsqueeze(1).to(dtype)
     with torch.no_grad():
         alone = torch.cat([ql(x[i:i + 1]) for i in range(64)])
@@ -79,17 +79,17 @@ def test_int8_rows_do_not_depend_on_the_batch(dtype):
         assert torch.equal(ql(x[:1] * 0), ql.bias.to(dtype).expand(1, -1))     # an all-zero row: no 0/0
 
 
-def test_dense_fallback_is_used_only_above_the_threshold(monkeypatch):
-    ql = QuantLinear.from_linear(_linear(), 4, keep_dense_above=8)
+def test_int8_copy_is_used_only_above_the_threshold(monkeypatch):
+    ql = QuantLinear.from_linear(_linear(), 4, int8_above=8)
     used = []
     real = torch.ops.aten._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: used.append(1) or real(*a))
     with torch.no_grad():
         ql(torch.randn(2, 4, 128))          # 8 rows: kernel
-        ql(torch.randn(3, 3, 128))          # 9 rows: dense
+        ql(torch.randn(3, 3, 128))          # 9 rows: int8
     assert used == [1]
-    no_copy = QuantLinear.from_linear(_linear(), 4, keep_dense_above=None)
-    assert no_copy.dense_weight is None and no_copy(torch.randn(64, 128)).shape == (64, 96)
+    no_copy = QuantLinear.from_linear(_linear(), 4, int8_above=None)
+    assert no_copy.qweight is None and no_copy(torch.randn(64, 128)).shape == (64, 96)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -150,18 +150,17 @@ def test_quantize_model_keeps_logits_and_greedy_tokens(make_cfg, expected):
     with torch.no_grad():
         ref = model(ids)
     ref_tokens = _greedy(model, ids, 6)
-    packed, dense = copy.deepcopy(model), copy.deepcopy(model)
-    assert quantize_(packed, bits=4, keep_dense_above=None) == expected
-    assert quantize_(dense, bits=4) == expected
+    packed, mixed = copy.deepcopy(model), copy.deepcopy(model)
+    assert quantize_(packed, bits=4, int8_above=None) == expected
+    assert quantize_(mixed, bits=4) == expected
     assert type(packed) is Transformer and packed.embed.weight.dtype == torch.float32
     assert packed.head is None or type(packed.head) is nn.Linear          # the output head stays dense
     if make_cfg is tiny_llama:           # q/k/v and gate/up are fused before quantising
         assert isinstance(packed.layers[0].attn.wqkv, QuantLinear) and not hasattr(packed.layers[0].attn, "wq")
         assert isinstance(packed.layers[0].ffn.w13, QuantLinear) and not hasattr(packed.layers[0].ffn, "w1")
     with torch.no_grad():
-        # 24 rows > 8 (every expert gets all of them here): the dense fallback holds the same grid
-        # weights, so the same float32 logits
-        assert _rel(dense(ids), ref) < 1e-6
+        # 24 rows > 8 (every expert gets all of them here): int8 of the same grid weights
+        assert _rel(mixed(ids), ref) < 0.03
         # the packed kernel runs bf16 activations: measured 0.004-0.011 on such models
         assert _rel(packed(ids), ref) < 0.03
     assert (_greedy(packed, ids, 6) == ref_tokens).float().mean() >= 0.65       # a near-tie may flip one sequence early

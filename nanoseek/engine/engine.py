@@ -39,6 +39,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None        # default: the model's max_position_embeddings
     num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
+    compile: bool = False                   # torch.compile the forward (dynamic shapes), warmed up at start
 
 
 @dataclass
@@ -78,6 +79,10 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)   # for unseeded requests
         self._params = list(model.parameters())      # read every step for their version counters
         self._weights_version = self._version()
+        self._hidden_states = model.hidden_states
+        if c.compile:
+            self._hidden_states = torch.compile(model.hidden_states, dynamic=True)
+            self.warmup()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
@@ -113,6 +118,18 @@ class Engine:
         for seq in self.requests.get(request_id, []):
             if seq.index == index and seq.finish_reason is None:
                 self.finish(seq, reason)
+
+    def warmup(self) -> None:
+        """Run the shapes a compiled forward specialises on (1 or many rows, 1 or many new tokens; int4
+        layers also switch kernels above 8 rows), so the first real requests do not pay for compiling;
+        the pool is left as it was."""
+        bs = self.config.block_size
+        for n in (1, 2, 9):
+            for i in range(n):
+                self.add_request(f"__warmup_{i}", [i + 1] * (bs + 3 + i), SamplingParams(max_tokens=3, ignore_eos=True))
+            while self.has_unfinished():
+                self.step()
+        self.reset_prefix_cache()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -175,7 +192,7 @@ class Engine:
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, positions (B, T) of seqs -> final hidden states (B, T, D), before the final norm."""
         cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions)
-        return self.model.hidden_states(ids, positions, cache)
+        return self._hidden_states(ids, positions, cache)
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
         """Run the next counts[i] tokens of seqs[i] in one (B, max n) forward; logits (B, vocab) at

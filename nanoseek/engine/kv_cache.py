@@ -109,15 +109,19 @@ class PagedCache:
     """
 
     def __init__(self, pool: BlockPool, slots: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor):
-        self.pool, self.slots, self.blocks = pool, slots.flatten(), block_tables.flatten()
-        self.B, W = block_tables.shape
-        self._rows: dict[int, torch.Tensor] = {}        # heads -> rows of the (heads * num_blocks, ...) view
+        self.pool, self.slots, self.block_tables = pool, slots.flatten(), block_tables
         # every row sees its W whole blocks (S = W * block_size keys, the mask hides the unwritten
         # and padding slots): the gathered memory stays one contiguous (heads, B, S, width) tensor,
         # which bmm takes as is; a narrower slice would make it copy
-        self.S = W * pool.block_size
-        keys = torch.arange(self.S, device=positions.device)
-        self.mask = keys.view(1, 1, self.S) <= positions.unsqueeze(-1)          # (B, T, S), shared by all layers
+        S = block_tables.shape[1] * pool.block_size
+        keys = torch.arange(S, device=positions.device)
+        self.mask = keys.view(1, 1, S) <= positions.unsqueeze(-1)          # (B, T, S), shared by all layers
+        # rows h * num_blocks + block of a pool tensor viewed as (heads * num_blocks, block_size * width),
+        # for every head and every block of every row, heads outermost: (heads * B * W,) per head count
+        blocks = block_tables.flatten()
+        self.block_rows = {heads: (torch.arange(heads, device=blocks.device).unsqueeze(1) * pool.num_blocks
+                                   + blocks).flatten()
+                           for heads in {_heads(shape) for shape in pool.entry_shapes}}
 
     @classmethod
     def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> "PagedCache":
@@ -131,23 +135,16 @@ class PagedCache:
         """Write entries (B, T, *shape); return each as (B, S, *shape), a view of (heads, B, S, width)
         memory, and the mask (B, T, S)."""
         out, bs = [], self.pool.block_size
+        B, W = self.block_tables.shape      # read from shapes, not stored ints: torch.compile keeps them symbolic
         for buf, entry in zip(self.pool.tensors[layer_id], entries):
             heads, width = buf.shape[0], buf.shape[2]
             new = entry.reshape(-1, heads, width).transpose(0, 1)                # (heads, B*T, width)
             buf.index_copy_(1, self.slots, new.to(buf.dtype))
             # one index_select of whole blocks along dim 0 (along dim 1 it measured ~5x slower)
-            rows = buf.view(-1, bs * width).index_select(0, self._block_rows(heads, buf.shape[1] // bs))
-            rows = rows.view(heads, self.B, self.S, width)
-            out.append(rows.permute(1, 2, 0, 3).reshape(self.B, self.S, *entry.shape[2:]))
+            rows = buf.view(-1, bs * width).index_select(0, self.block_rows[heads])
+            rows = rows.view(heads, B, W * bs, width)
+            out.append(rows.permute(1, 2, 0, 3).reshape(B, W * bs, *entry.shape[2:]))
         return (*out, self.mask)
-
-    def _block_rows(self, heads: int, num_blocks: int) -> torch.Tensor:
-        """Row h * num_blocks + block of the pool viewed as (heads * num_blocks, block_size * width), for
-        every head and every block of every row, heads outermost: (heads * B * W,)."""
-        if heads not in self._rows:
-            offsets = torch.arange(heads, device=self.blocks.device).unsqueeze(1) * num_blocks
-            self._rows[heads] = (offsets + self.blocks).flatten()
-        return self._rows[heads]
 
 
 def _heads(shape: tuple[int, ...]) -> int:

@@ -5,9 +5,9 @@ fewer bytes per weight is the speed-up. Two schemes, each on a CPU kernel PyTorc
 - int4, weight-only: `_weight_int4pack_mm_for_cpu`, asymmetric groups along K,
   w = (q - 8)·scale + zero, q in 0..15; min/max per group of `group_size` (GGUF's Q4_1 scheme: a
   Q4_1 checkpoint with groups of 32 requantises to the same integers, only the bf16 rounding of
-  scale/zero differs). The kernel wants bf16 activations; it wins at a few rows and loses on
-  cache-hot batches, so above `keep_dense_above` rows the layer uses a dense copy of the
-  *dequantised* weight (the same function up to rounding, for 2 more bytes per parameter).
+  scale/zero differs). The kernel wants bf16 activations; it wins at a few rows and loses at
+  many (414 µs at 32 rows against 142 for int8 below), so above `int8_above` rows the layer
+  runs the int8 scheme on an int8 copy of the *dequantised* weight (1 more byte per parameter).
 - int8, weights and activations (W8A8, "dynamic" quantisation): symmetric per output row for
   the weight, per token (row of x) for the activation, an exact int32 `torch._int_mm` (VNNI),
   then both scales. Measured on a 1536x576 layer with DRAM-streamed weights: 53 / 142 / 712 µs
@@ -23,7 +23,6 @@ gates stay as they are, and so does MLA's `wkv_b`, whose weight `MLA.attend_abso
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import GQA, MLA
@@ -76,40 +75,37 @@ class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as packed int4 groups or int8 rows; see the module docstring."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 keep_dense_above: int | None):
+                 int8_above: int | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.keep_dense_above = bits, group_size, keep_dense_above
+        self.bits, self.group_size, self.int8_above = bits, group_size, int8_above
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
-                    keep_dense_above: int | None = 8) -> QuantLinear:
+                    int8_above: int | None = 8) -> QuantLinear:
         """Quantise `linear`; ValueError when its shape does not fit the kernel (keep it dense then).
-        `keep_dense_above` only concerns int4 (int8 is fast at every batch size)."""
-        return cls.from_weight(linear.weight, linear.bias, bits, group_size, keep_dense_above)
+        `int8_above` (int4 only): above this many rows use an int8 copy; None: no copy."""
+        return cls.from_weight(linear.weight, linear.bias, bits, group_size, int8_above)
 
     @classmethod
     @torch.no_grad()
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 4, group_size: int = 32,
-                    keep_dense_above: int | None = 8) -> QuantLinear:
+                    int8_above: int | None = 8) -> QuantLinear:
         N, K = w.shape
         _check_shape(N, K, bits, group_size)
-        layer = cls(K, N, bits, group_size, keep_dense_above if bits == 4 else None)
+        layer = cls(K, N, bits, group_size, int8_above if bits == 4 else None)
         w = w.detach()
-        dense = None
+        int8 = w
         if bits == 4:
             q, scale, zero = quantize_int4(w, group_size)
             # the CPU packing wants the (N, K) int32 values 0..15; inner_k_tiles is unused on CPU
-            layer.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            layer.register_buffer("qweight4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             layer.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous())
-            if keep_dense_above is not None:
-                dense = dequantize_int4(q, scale, zero, group_size).to(w.dtype)
-        else:
-            q, scale = quantize_int8(w)
-            layer.register_buffer("qweight", q)
-            layer.register_buffer("scales", scale)
-        layer.register_buffer("dense_weight", dense, persistent=False)
+            int8 = None if int8_above is None else dequantize_int4(q, scale, zero, group_size)
+        q8, scale8 = quantize_int8(int8) if int8 is not None else (None, None)
+        layer.register_buffer("qweight", q8)
+        layer.register_buffer("scales", scale8)
         layer.register_buffer("bias", None if bias is None else bias.detach().clone())
         return layer
 
@@ -125,21 +121,19 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.bits == 8:
+        if self.bits == 4 and (self.qweight is None or x2.shape[0] <= self.int8_above):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight4,
+                                                          self.group_size, self.scales_and_zeros).to(x.dtype)
+        else:
             xq, x_scale = quantize_rows_int8(x2)
             y = (torch._int_mm(xq, self.qweight.t()) * x_scale * self.scales).to(x.dtype)   # (M, N)
-        elif self.dense_weight is not None and x2.shape[0] > self.keep_dense_above:
-            y = F.linear(x2, self.dense_weight.to(x.dtype), None)   # cache-hot batch: dense is faster
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
-                                                          self.group_size, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, keep_dense_above={self.keep_dense_above}")
+                f"group_size={self.group_size}, int8_above={self.int8_above}")
 
 
 def _check_shape(N: int, K: int, bits: int, group_size: int) -> None:
@@ -166,14 +160,14 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _quantize_one(linear: nn.Linear, bits, group_size, keep_dense_above) -> nn.Module:
+def _quantize_one(linear: nn.Linear, bits, group_size, int8_above) -> nn.Module:
     try:
-        return QuantLinear.from_linear(linear, bits, group_size, keep_dense_above)
+        return QuantLinear.from_linear(linear, bits, group_size, int8_above)
     except ValueError:
         return linear          # a shape the kernel refuses: this layer keeps its dense weight
 
 
-def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, keep_dense_above: int | None = 8,
+def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, int8_above: int | None = 8,
               head: bool = False) -> int:
     """Quantise, in place, the nn.Linear modules inside `model.layers` and `model.mtp`; return how many
     QuantLinear modules the model has afterwards.
@@ -196,12 +190,12 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, keep_dense_
         for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and not (isinstance(parent, MLA) and name == "wkv_b"):
-                    setattr(parent, name, _quantize_one(child, bits, group_size, keep_dense_above))
+                    setattr(parent, name, _quantize_one(child, bits, group_size, int8_above))
     if head:
         out = model.head if model.head is not None else model.embed
         try:
             model.head = QuantLinear.from_weight(out.weight, getattr(out, "bias", None), bits, group_size,
-                                                 keep_dense_above)
+                                                 int8_above)
         except ValueError:
             pass               # a vocabulary the kernel refuses: the head stays dense
     return sum(isinstance(m, QuantLinear) for m in model.modules())
