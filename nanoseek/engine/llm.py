@@ -104,7 +104,7 @@ class LLM:
         if tokenizer is None:
             raise ValueError("LLM(model_object) needs tokenizer=...: a bare model carries no tokenizer")
         self.model, self.tokenizer = model, tokenizer
-        if quantization is not None:   # "int4" / "int8": weight-only, CPU kernels (model/quant.py)
+        if quantization is not None:   # CPU kernels (model/quant.py): int8 W8A8, int4 weights
             if quantization not in ("int4", "int8") or model.embed.weight.device.type != "cpu":
                 raise ValueError(f"quantization={quantization!r}: 'int4' or 'int8', for a model on the CPU")
             quantize_(model, bits=int(quantization[3:]), head=True)

@@ -56,15 +56,9 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     return (g * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).reshape(N, K)
 
 
-def quantize_int8(w: torch.Tensor):
-    """Symmetric per-row int8: w (N, K) -> q (N, K) int8 in -127..127, scale (N,) float32."""
-    scale = w.float().abs().amax(dim=1) / 127
-    q = (w.float() / scale.clamp(min=1e-30).unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
 def quantize_rows_int8(x: torch.Tensor):
-    """Per-row (per-token) symmetric int8 of activations: x (M, K) -> q (M, K) int8, scale (M, 1) float32."""
+    """Per-row symmetric int8 (weight rows, or activation tokens): x (M, K) -> q (M, K) int8 in
+    -127..127, scale (M, 1) float32 with x ≈ q·scale."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)
     # |x·127/amax| <= 127 up to float32 rounding, which round() cannot push past 127
@@ -103,14 +97,14 @@ class QuantLinear(nn.Module):
             layer.register_buffer("qweight4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             layer.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous())
             int8 = None if int8_above is None else dequantize_int4(q, scale, zero, group_size)
-        q8, scale8 = quantize_int8(int8) if int8 is not None else (None, None)
+        q8, scale8 = quantize_rows_int8(int8) if int8 is not None else (None, None)
         layer.register_buffer("qweight", q8)
-        layer.register_buffer("scales", scale8)
+        layer.register_buffer("scales", None if scale8 is None else scale8.view(-1))    # (N,)
         layer.register_buffer("bias", None if bias is None else bias.detach().clone())
         return layer
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) may move the dense copy and bias, but the kernels' scales keep their dtype
+        # model.to(dtype) may move the bias, but the kernels' scales keep their dtype
         super()._apply(fn, recurse)
         for name, dtype in (("scales_and_zeros", KERNEL_DTYPE), ("scales", torch.float32)):
             t = getattr(self, name, None)
@@ -160,11 +154,12 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _quantize_one(linear: nn.Linear, bits, group_size, int8_above) -> nn.Module:
+def _quantize_one(module: nn.Module, bits, group_size, int8_above) -> nn.Module:
+    """QuantLinear of module's weight (and bias), or module itself when the kernel refuses the shape."""
     try:
-        return QuantLinear.from_linear(linear, bits, group_size, int8_above)
+        return QuantLinear.from_weight(module.weight, getattr(module, "bias", None), bits, group_size, int8_above)
     except ValueError:
-        return linear          # a shape the kernel refuses: this layer keeps its dense weight
+        return module
 
 
 def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, int8_above: int | None = 8,
@@ -192,10 +187,7 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, int8_above:
                 if isinstance(child, nn.Linear) and not (isinstance(parent, MLA) and name == "wkv_b"):
                     setattr(parent, name, _quantize_one(child, bits, group_size, int8_above))
     if head:
-        out = model.head if model.head is not None else model.embed
-        try:
-            model.head = QuantLinear.from_weight(out.weight, getattr(out, "bias", None), bits, group_size,
-                                                 int8_above)
-        except ValueError:
-            pass               # a vocabulary the kernel refuses: the head stays dense
+        quantized = _quantize_one(model.head if model.head is not None else model.embed, bits, group_size, int8_above)
+        if isinstance(quantized, QuantLinear):     # else a vocabulary the kernel refuses: the head stays dense
+            model.head = quantized
     return sum(isinstance(m, QuantLinear) for m in model.modules())
