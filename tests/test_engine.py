@@ -1,12 +1,14 @@
 """Engine correctness: batched == one-at-a-time == full-forward greedy; seeds, stops, logprobs,
 preemption, aborts, prefix caching, n > 1, weight updates."""
 
+import platform
 import shutil
+import sys
 
 import pytest
 import torch
 
-from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.engine import Engine, EngineConfig, keep_freed_memory
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
@@ -197,3 +199,9 @@ def test_compiled_engine_equals_eager_greedy():
     compiled = Engine(model, EngineConfig(compile=True, **config))
     assert compiled.pool.num_free == 64 and not compiled.has_unfinished()     # warm-up left nothing behind
     assert run(compiled, requests, stagger=True) == run(Engine(model, EngineConfig(**config)), requests, stagger=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc",
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_on_glibc():
+    assert keep_freed_memory()
