@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanoseek.engine.engine import Engine, EngineConfig, keep_freed_memory
+from nanoseek.engine.engine import Engine, EngineConfig, keep_freed_memory, row_width
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
@@ -43,6 +43,27 @@ def test_batched_equals_single_equals_full_forward(model):
     for rid, (prompt, params) in requests.items():
         alone = run(Engine(model, EngineConfig(num_blocks=64, block_size=4)), {rid: (prompt, params)})[rid]
         assert batched[rid] == alone == full_forward_greedy(model, prompt, params.max_tokens)
+
+
+def test_prefill_chunks_split_into_narrow_rows_keep_output(model):
+    # lengths 17..90 in one step: the rows are 16 or 32 wide, so longer chunks span several rows
+    lengths = [17, 90, 35, 70, 20]
+    assert row_width(lengths, [0] * 5) < max(lengths)
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(2, 256, (n,), generator=g).tolist() for n in lengths]
+    requests = {str(i): (p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(ps)}
+    out = run(Engine(model, EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=512)), requests)
+    for rid, (prompt, params) in requests.items():
+        assert out[rid] == full_forward_greedy(model, prompt, params.max_tokens)
+
+
+def test_row_width_pads_little_and_keeps_one_long_chunk_whole():
+    assert row_width([1, 1, 1], [10, 20, 30]) == 1                    # decodes
+    assert row_width([1000], [0]) == 1000                              # one long prompt: one row
+    lengths = [56, 59, 65, 68, 69, 71, 74, 76, 81, 83, 84, 86]         # GSM8K prompts
+    width = row_width(lengths, [0] * len(lengths))
+    padded = sum(-(-n // width) * width for n in lengths)
+    assert padded < 1.15 * sum(lengths) and padded < len(lengths) * max(lengths)
 
 
 def test_preemption_under_a_tiny_block_budget_keeps_output(model):

@@ -194,39 +194,49 @@ class Engine:
                 self.finish(seq, out.finish_reason)
         return [out for _, out in done]
 
-    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids, positions (B, T) of seqs -> final hidden states (B, T, D), before the final norm."""
-        cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions)
+    def _run(self, tables: list[list[int]], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions (R, T) of rows whose sequences own `tables` -> final hidden states (R, T, D),
+        before the final norm."""
+        cache = PagedCache.for_rows(self.pool, tables, positions)
         return self._hidden_states(ids, positions, cache)
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
-        """Run the next counts[i] tokens of seqs[i] in one (B, max n) forward; logits (B, vocab) at
-        each row's last new token.
+        """Run the next counts[i] tokens of seqs[i] in one forward; logits (B, vocab) at each sequence's
+        last new token.
 
-        Shorter rows are padded by repeating their last token at its position: the copy computes
-        exactly what the original does and writes the same values to the same cache slot, so
-        padding needs no mask and no scratch memory.
+        The tokens are laid out as rows of `row_width` (see there): a sequence's chunk may span
+        several rows, which share its block table. That is exact because every layer writes the
+        whole step's keys and values before any row attends, and a query at position p sees its
+        sequence's keys 0..p wherever they were computed. A sequence's last row is padded by
+        repeating its last token at its position: the copy computes exactly what the original
+        does and writes the same values to the same cache slot, so padding needs no mask.
         """
-        device, width = self.device, max(counts)
-        ids, positions = [], []
+        device, width = self.device, row_width(counts, [s.num_computed for s in seqs])
+        ids, positions, tables, last = [], [], [], []          # last: (row, column) of each seq's last token
         for s, n in zip(seqs, counts):
-            row = s.token_ids[s.num_computed: s.num_computed + n]
-            ids.append(row + [row[-1]] * (width - n))
-            positions.append(list(range(s.num_computed, s.num_computed + n)) + [s.num_computed + n - 1] * (width - n))
-        hidden = self._run(seqs, torch.tensor(ids, device=device), torch.tensor(positions, device=device))
-        last = torch.tensor(counts, device=device) - 1
+            for start in range(s.num_computed, s.num_computed + n, width):
+                m = min(width, s.num_computed + n - start)
+                row = s.token_ids[start: start + m]
+                ids.append(row + [row[-1]] * (width - m))
+                positions.append(list(range(start, start + m)) + [start + m - 1] * (width - m))
+                tables.append(s.block_table)
+            last.append((len(ids) - 1, m - 1))
+        hidden = self._run(tables, torch.tensor(ids, device=device), torch.tensor(positions, device=device))
+        rows, cols = (torch.tensor(t, device=device) for t in zip(*last))
         if not self.speculator:
-            return self.model.logits(hidden[torch.arange(len(seqs), device=device), last]) if need_logits else None
-        normed = self.model.norm(hidden)                          # (B, n, D): h^0, what MTP module 1 reads
-        for seq, row, n in zip(seqs, normed, counts):
-            self.speculator.record(seq, row[:n], seq.num_computed)
-        return self.model.output_head(normed[torch.arange(len(seqs), device=device), last]) if need_logits else None
+            return self.model.logits(hidden[rows, cols]) if need_logits else None
+        normed = self.model.norm(hidden)                          # (R, width, D): h^0, what MTP module 1 reads
+        first = 0
+        for seq, n, (row, _) in zip(seqs, counts, last):
+            self.speculator.record(seq, normed[first: row + 1].flatten(0, 1)[:n], seq.num_computed)
+            first = row + 1
+        return self.model.output_head(normed[rows, cols]) if need_logits else None
 
     def _verify(self, seqs: list[Sequence]) -> list[tuple[Sequence, StepOutput]]:
         """Speculating sequences: one (B, 1 + k) forward over [last token, drafts], then accept (speculative.py)."""
         spec = self.speculator
         ids, positions = spec.verify_inputs(seqs)
-        normed = self.model.norm(self._run(seqs, ids, positions))                     # (B, 1 + k, D)
+        normed = self.model.norm(self._run([s.block_table for s in seqs], ids, positions))   # (B, 1 + k, D)
         logits = self.model.output_head(normed).float()                             # (B, 1 + k, V)
         verdicts = spec.accept(seqs, logits, self.states, self._push, self.generator)
         done = []
@@ -270,6 +280,24 @@ class Engine:
 
     def _version(self) -> int:
         return sum(p._version for p in self._params)
+
+
+def row_width(counts: list[int], computed: list[int]) -> int:
+    """The row width for a forward over chunks of counts[i] new tokens after computed[i] cached ones.
+
+    One row per chunk pads every chunk to the longest (GSM8K prompts of 56..140 tokens padded
+    ~40% of a step's rows); narrower rows pad each chunk only to a multiple of the width, but each
+    row gathers its sequence's keys again. Cost in token-slots: each row computes `width` slots
+    and gathers its keys, counted as 1/128 slot per key. That overstates the gather on purpose:
+    a SmolLM2 slot's linears (~7 MOP per layer at ~500 int8 GOPS) cost ~300x the gather of one
+    key (768 bytes per layer at ~18 GB/s). Widths are the longest chunk or powers of two from 16.
+    """
+    def cost(width: int) -> float:
+        return sum(-(-n // width) * (width + (c + n) / 128) for n, c in zip(counts, computed))
+
+    longest = max(counts)
+    candidates = [longest] + [w for w in (16, 32, 64, 128, 256, 512) if w < longest]
+    return min(candidates, key=cost)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters, from glibc's malloc.h
