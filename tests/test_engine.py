@@ -66,6 +66,25 @@ def test_row_width_pads_little_and_keeps_one_long_chunk_whole():
     assert padded < 1.15 * sum(lengths) and padded < len(lengths) * max(lengths)
 
 
+def test_decode_mirror_rebuilds_keep_output(model, monkeypatch):
+    # rows join every step and finish at different lengths; 3 tokens of headroom force growth rebuilds
+    from nanoseek.engine.kv_cache import DecodeMirror
+    monkeypatch.setattr(DecodeMirror, "HEADROOM", 3)
+    ps = prompts(4, seed=2)
+    requests = {str(i): (p, SamplingParams(max_tokens=6 + 5 * i, **GREEDY)) for i, p in enumerate(ps)}
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    rebuilds = []
+    rebuild = DecodeMirror._rebuild
+    monkeypatch.setattr(DecodeMirror, "_rebuild", lambda self, *a: rebuilds.append(1) or rebuild(self, *a))
+    mirrored = run(engine, requests, stagger=True)
+    assert len(rebuilds) > len(requests)
+    assert engine.mirror.tensors == []                    # no decode batch left: the copy is dropped
+    plain = run(Engine(model, EngineConfig(num_blocks=64, block_size=4, mirror_decode=False)), requests, stagger=True)
+    assert mirrored == plain
+    for rid, (prompt, params) in requests.items():
+        assert mirrored[rid] == full_forward_greedy(model, prompt, params.max_tokens)
+
+
 def test_preemption_under_a_tiny_block_budget_keeps_output(model):
     ps = prompts(5, seed=1)
     requests = {str(i): (p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(ps)}

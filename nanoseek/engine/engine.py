@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .kv_cache import BlockPool, PagedCache
+from .kv_cache import BlockPool, DecodeMirror, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
 from .scheduler import Scheduler, Sequence
 from .speculative import MTPSpeculator, SpecStats
@@ -43,6 +43,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
     compile: bool = False                   # torch.compile the forward (dynamic shapes), warmed up at start
     keep_freed_memory: bool = True          # glibc: reuse freed activations instead of unmapping them
+    mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Engine:
         margin = min(c.num_speculative_tokens, model.cfg.n_mtp_layers)     # MTP depth chained per position
         self.scheduler = Scheduler(self.pool, c.max_num_seqs, c.max_num_batched_tokens, c.enable_prefix_caching,
                                    prefix_hit_margin=margin)
+        self.mirror = DecodeMirror(self.pool, model.cfg.n_layers) if c.mirror_decode else None
         self.speculator = (MTPSpeculator(model, self.scheduler, c.num_speculative_tokens, self.max_model_len)
                            if c.num_speculative_tokens else None)
         self.eos_token_ids = set(eos_token_ids)
@@ -167,8 +169,10 @@ class Engine:
         verifying = set(verifies)
         ready, rows = [], []
         if plain:
-            rows.append(self._forward(plain, [1] * len(plain)))
+            rows.append(self._forward(plain, [1] * len(plain), mirror=self.mirror))
             ready.extend(plain)
+        elif self.mirror:
+            self.mirror.clear()
         chunks = [(seq, n) for seq, n in batch.items() if seq.num_remaining > 1]
         if chunks:                                   # every prefill chunk of this step in one forward
             completes = [n == seq.num_remaining for seq, n in chunks]
@@ -194,13 +198,13 @@ class Engine:
                 self.finish(seq, out.finish_reason)
         return [out for _, out in done]
 
-    def _run(self, tables: list[list[int]], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run(self, tables: list[list[int]], ids: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """ids, positions (R, T) of rows whose sequences own `tables` -> final hidden states (R, T, D),
         before the final norm."""
-        cache = PagedCache.for_rows(self.pool, tables, positions)
+        cache = cache or PagedCache.for_rows(self.pool, tables, positions)
         return self._hidden_states(ids, positions, cache)
 
-    def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True):
+    def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True, mirror=None):
         """Run the next counts[i] tokens of seqs[i] in one forward; logits (B, vocab) at each sequence's
         last new token.
 
@@ -221,7 +225,9 @@ class Engine:
                 positions.append(list(range(start, start + m)) + [start + m - 1] * (width - m))
                 tables.append(s.block_table)
             last.append((len(ids) - 1, m - 1))
-        hidden = self._run(tables, torch.tensor(ids, device=device), torch.tensor(positions, device=device))
+        positions = torch.tensor(positions, device=device)
+        cache = mirror.cache(seqs, positions) if mirror is not None else None     # one decode token per row
+        hidden = self._run(tables, torch.tensor(ids, device=device), positions, cache)
         rows, cols = (torch.tensor(t, device=device) for t in zip(*last))
         if not self.speculator:
             return self.model.logits(hidden[rows, cols]) if need_logits else None
@@ -271,6 +277,8 @@ class Engine:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
+        if self.mirror and not self.scheduler.has_work():      # idle: give the mirror's memory back
+            self.mirror.clear()
         self.states.pop(seq, None)
         if self.speculator:
             self.speculator.forget(seq)
