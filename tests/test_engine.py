@@ -209,6 +209,28 @@ def test_logprobs_equal_log_softmax_of_a_full_forward():
         assert [t for t, _ in _top(lp)] == top.indices.tolist()
 
 
+@pytest.mark.parametrize("preset", [tiny_llama, tiny_deepseek_v3])
+def test_bfloat16_lone_row_decodes_with_a_float32_mirror(preset):
+    torch.manual_seed(0)
+    model = Transformer(preset()).eval().to(torch.bfloat16)
+    prompt = list(range(3, 15))
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=6, logprobs=1, **GREEDY))
+    tokens, logprobs, mirrored = [], [], 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+        if engine.mirror.tensors:
+            assert engine.mirror.tensors[0][0].dtype == torch.float32      # one row: float32 attention
+            mirrored += 1
+    assert mirrored >= 4
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt + tokens])).float(), -1)[0]
+    for i, (token, lp) in enumerate(zip(tokens, logprobs)):
+        assert abs(_chosen_logprob(lp) - full[len(prompt) - 1 + i, token].item()) < 0.05
+
+
 def _chosen_logprob(lp):
     return lp.logprob if hasattr(lp, "logprob") else lp[0]
 

@@ -169,6 +169,8 @@ class DecodeMirror:
     """
 
     HEADROOM = 32              # tokens of growth per row before a rebuild; each row attends this many extra keys
+    FLOAT32_ROWS = 1           # batches this small keep float32 copies: bf16 bmm costs ~25 us a call on CPU
+                               # whatever its size, float32 ~2x less at 1 row (attention then runs in float32)
 
     def __init__(self, pool: BlockPool, n_layers: int):
         self.pool, self.n_layers = pool, n_layers
@@ -195,9 +197,10 @@ class DecodeMirror:
         bs = self.pool.block_size
         width = max(len(s.block_table) for s in seqs) * bs
         capacity = max(-(-(need + self.HEADROOM) // bs) * bs, width)
-        if len(seqs) != len(self.seqs) or capacity > self.capacity:
+        dtype = torch.float32 if len(seqs) <= self.FLOAT32_ROWS else self.pool.tensors[0][0].dtype
+        if len(seqs) != len(self.seqs) or capacity > self.capacity or dtype != self.tensors[0][0].dtype:
             # zeros, not empty: masked keys get probability 0, but 0 * NaN garbage in a value would be NaN
-            self.tensors = [[torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=buf.dtype,
+            self.tensors = [[torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=dtype,
                                          device=buf.device) for buf in layer] for layer in self.pool.tensors[:self.n_layers]]
             self.capacity = capacity
         tables = torch.tensor([s.block_table + [0] * (width // bs - len(s.block_table)) for s in seqs],
@@ -235,7 +238,7 @@ class MirroredCache:
             heads, width = buf.shape[0], buf.shape[2]
             new = entry.reshape(-1, heads, width).transpose(0, 1).to(buf.dtype)      # (heads, B*T, width)
             buf.index_copy_(1, self.slots, new)
-            mirror.view(heads, -1, width).index_copy_(1, self.flat, new)
+            mirror.view(heads, -1, width).index_copy_(1, self.flat, new.to(mirror.dtype))
             B = mirror.shape[1]
             out.append(mirror[:, :, :self.S].permute(1, 2, 0, 3).reshape(B, self.S, *entry.shape[2:]))
         return (*out, self.mask)

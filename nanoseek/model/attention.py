@@ -94,7 +94,8 @@ class GQA(nn.Module):
         if cache is not None:
             kv, mask = cache.update(self.layer_id, positions, torch.cat([k, v], dim=2))   # (B, S, 2*Hkv, D)
             k, v = kv[:, :, :Hkv], kv[:, :, Hkv:]
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask, self.scale)
+        # attention runs in the cache's dtype (the engine's decode mirror may keep float32 for a lone row)
+        o = _attend(q.transpose(1, 2).to(k.dtype), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).to(x.dtype)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -138,7 +139,7 @@ class MLA(nn.Module):
             o = self.attend_naive(q_nope, q_pe, kv, k_pe, mask=None)
         else:
             latent, mask = cache.update(self.layer_id, positions, torch.cat([kv, k_pe], dim=-1))
-            o = self.attend_absorbed(q_nope, q_pe, latent.to(q.dtype), mask)
+            o = self.attend_absorbed(q_nope, q_pe, latent, mask)
         return self.wo(o.reshape(B, T, -1))
 
     def attend_naive(self, q_nope, q_pe, kv, k_pe, mask):
@@ -157,11 +158,11 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]   # (H, dn, C), (H, dv, C)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                       # (B, T, H, C)
-        q_all = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.qk_rope_head_dim)
+        q_all = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.qk_rope_head_dim).to(latent.dtype)
         scores = torch.bmm(q_all, latent.transpose(1, 2)).float() * self.scale     # (B, T*H, S)
         if mask is None:   # plain causal self-attention over the same T tokens
             mask = torch.ones(T, latent.shape[1], dtype=torch.bool, device=latent.device).tril().unsqueeze(0)
         scores = scores.view(B, T, H, -1).masked_fill(~mask.unsqueeze(2), float("-inf")).view(B, T * H, -1)
         probs = scores.softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.bmm(probs, latent[..., :C]).view(B, T, H, C)                 # weighted latents
+        o_lat = torch.bmm(probs, latent[..., :C]).view(B, T, H, C).to(q_nope.dtype)  # weighted latents
         return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)                          # (B, T, H, dv)
