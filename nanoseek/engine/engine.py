@@ -201,7 +201,8 @@ class Engine:
     def _run(self, tables: list[list[int]], ids: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """ids, positions (R, T) of rows whose sequences own `tables` -> final hidden states (R, T, D),
         before the final norm."""
-        cache = cache or PagedCache.for_rows(self.pool, tables, positions)
+        if cache is None:
+            cache = PagedCache.for_rows(self.pool, tables, positions)
         return self._hidden_states(ids, positions, cache)
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True, mirror=None):

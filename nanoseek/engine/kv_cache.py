@@ -165,7 +165,8 @@ class DecodeMirror:
     the batch changes: other rows or another order, a row that advanced other than by a
     mirrored decode (prefill, speculative verify, recompute), a row past the capacity. The
     cost is memory: the batch's entries a second time, B x capacity tokens (main layers only;
-    MTP layers go through the pool).
+    MTP layers go through the pool). A lone row's copy is float32 (FLOAT32_ROWS), so for a
+    bfloat16 model its attention differs from a batched row's by bf16 rounding.
     """
 
     HEADROOM = 32              # tokens of growth per row before a rebuild; each row attends this many extra keys
@@ -239,6 +240,5 @@ class MirroredCache:
             new = entry.reshape(-1, heads, width).transpose(0, 1).to(buf.dtype)      # (heads, B*T, width)
             buf.index_copy_(1, self.slots, new)
             mirror.view(heads, -1, width).index_copy_(1, self.flat, new.to(mirror.dtype))
-            B = mirror.shape[1]
-            out.append(mirror[:, :, :self.S].permute(1, 2, 0, 3).reshape(B, self.S, *entry.shape[2:]))
+            out.append(mirror.permute(1, 2, 0, 3).reshape(mirror.shape[1], self.S, *entry.shape[2:]))
         return (*out, self.mask)
