@@ -58,9 +58,11 @@ def _attend_grouped(q, k, v, mask, scale):
     G = H // Hkv
     qg = q.reshape(B, Hkv, G * T, D).transpose(0, 1).reshape(Hkv * B, G * T, D)      # heads h = kv * G + g
     kg, vg = (t.transpose(0, 1).reshape(Hkv * B, S, D) for t in (k, v))
-    scores = torch.bmm(qg, kg.transpose(1, 2)).float().mul_(scale)                   # (Hkv*B, G*T, S)
-    scores.view(Hkv, B, G, T, S).add_(_bias(mask).view(1, B, 1, T, S))
-    o = torch.bmm(scores.softmax(-1).to(vg.dtype), vg)                              # (Hkv*B, G*T, D)
+    # scores stay in q's dtype: the CPU softmax of bf16 accumulates in float32 (bitwise what upcasting
+    # first gives), and skipping the float32 copy saves three passes over the scores
+    scores = torch.baddbmm(q.new_zeros(()), qg, kg.transpose(1, 2), beta=0, alpha=scale)   # (Hkv*B, G*T, S)
+    scores.view(Hkv, B, G, T, S).add_(_bias(mask).to(scores.dtype).view(1, B, 1, T, S))
+    o = torch.bmm(scores.softmax(-1), vg)                                           # (Hkv*B, G*T, D)
     # (B, T, H, D) memory, returned as the (B, H, T, D) view callers expect
     return o.view(Hkv, B, G, T, D).permute(1, 3, 0, 2, 4).reshape(B, T, H, D).transpose(1, 2)
 
