@@ -43,7 +43,8 @@ class EngineConfig:
     num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
     compile: bool = False                   # torch.compile the forward (dynamic shapes), warmed up at start
     keep_freed_memory: bool = True          # glibc: reuse freed activations instead of unmapping them
-    mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror)
+    mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror);
+                                            # off when compile is on
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Engine:
         margin = min(c.num_speculative_tokens, model.cfg.n_mtp_layers)     # MTP depth chained per position
         self.scheduler = Scheduler(self.pool, c.max_num_seqs, c.max_num_batched_tokens, c.enable_prefix_caching,
                                    prefix_hit_margin=margin)
-        self.mirror = DecodeMirror(self.pool, model.cfg.n_layers) if c.mirror_decode else None
+        # not with compile: a compiled forward recompiles as the mirror is rebuilt (1.6 tok/s single stream
+        # in the benchmark), though warm it measured 10 ms a token, 45 ms a 32-row step: work to do
+        self.mirror = DecodeMirror(self.pool, model.cfg.n_layers) if c.mirror_decode and not c.compile else None
         self.speculator = (MTPSpeculator(model, self.scheduler, c.num_speculative_tokens, self.max_model_len)
                            if c.num_speculative_tokens else None)
         self.eos_token_ids = set(eos_token_ids)
