@@ -62,6 +62,7 @@ def test_bfloat16_forward_close_to_float32():
 
 def test_grouped_attention_matches_sdpa_on_strided_inputs():
     import torch.nn.functional as F
+
     from nanoseek.model.attention import _attend_grouped
     B, T, S, H, Hkv, D = 3, 4, 9, 6, 2, 8
     q = torch.randn(B, T, H, D).transpose(1, 2)             # strided, as GQA.forward passes them
@@ -76,12 +77,13 @@ def test_grouped_attention_matches_sdpa_on_strided_inputs():
 
 def test_grouped_attention_in_query_chunks_matches_sdpa(monkeypatch):
     import torch.nn.functional as F
+
     from nanoseek.model import attention
     B, T, S, H, Hkv, D = 2, 37, 48, 6, 2, 8
     monkeypatch.setattr(attention, "SCORES_BUDGET", 4 * B * H * S * 5)      # chunks of 5 queries
     q = torch.randn(B, T, H, D).transpose(1, 2)
     k, v = torch.randn(B, S, Hkv, D).transpose(1, 2), torch.randn(B, S, Hkv, D).transpose(1, 2)
-    positions = torch.tensor([[p for p in range(5, 5 + T)], [p for p in range(0, T)]])    # causal, row offsets differ
+    positions = torch.tensor([list(range(5, 5 + T)), list(range(T))])    # causal, row offsets differ
     mask = torch.arange(S).view(1, 1, S) <= positions.unsqueeze(-1)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3, enable_gqa=True)
     assert (attention._attend_grouped(q, k, v, mask, 0.3) - want).abs().max() < 1e-5

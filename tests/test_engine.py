@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from reference import GREEDY, full_forward_greedy
+from reference import run as run_requests
 
 from nanoseek.engine.engine import Engine, EngineConfig, keep_freed_memory, row_width
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
-
-from reference import GREEDY, full_forward_greedy
-from reference import run as run_requests
 
 
 def run(engine, requests, stagger=False):
@@ -263,7 +262,7 @@ def test_compiled_engine_equals_eager_greedy():
     assert run(compiled, requests, stagger=True) == run(Engine(model, EngineConfig(**config)), requests, stagger=True)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc",
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory()

@@ -220,7 +220,7 @@ class MirroredCache:
 
     def __init__(self, mirror: DecodeMirror, positions: torch.Tensor, block_tables: list[list[int]]):
         self.mirror = mirror
-        B, T = positions.shape
+        B = positions.shape[0]
         bs, device = mirror.pool.block_size, positions.device
         self.slots = torch.tensor([table[p // bs] * bs + p % bs for table, row in zip(block_tables, positions.tolist())
                                    for p in row], device=device)                         # (B*T,) pool slots
