@@ -29,14 +29,14 @@ def _attend(q, k, v, mask, scale):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-SCORES_BUDGET = 16 * 2**20     # bytes of float32 scores one _attend_grouped call materialises at most
+SCORES_BUDGET = 16 * 2**20     # bytes of scores (counted as float32) one _attend_grouped call materialises at most
 
 
 def _attend_grouped(q, k, v, mask, scale):
     """Masked attention as two batched matmuls over (kv head, row) pairs, each serving its G query heads.
 
     On CPU, torch's masked SDPA is about 6x slower in bf16 than this for decode-shaped inputs
-    (T = 1, measured at B = 32, S = 150); the softmax runs in float32. The paged cache stores
+    (T = 1, measured at B = 32, S = 150); the softmax accumulates in float32. The paged cache stores
     k / v heads-major, so `k.transpose(0, 1)` is already (Hkv, B, S, D) memory and the reshape
     below copies nothing. Long prefills run in query chunks whose scores fit SCORES_BUDGET, each
     against the keys up to the last one it may see (causal: later chunks see more): a
