@@ -2,11 +2,12 @@
 
     step = schedule() -> model forward(s) -> sample -> append tokens -> finish or continue
 
-All decoding sequences share one batched forward of (B, 1) tokens; the step's prefill chunks
-share a second one of (P, longest chunk), shorter rows padded by repeating their last token (a
-decode row is not padded to a chunk's length: that would multiply its cost). Only each row's
-last position is projected onto the vocabulary. The engine knows token ids
-only; text, chat templates and stop strings live in the LLM facade (llm.py).
+All decoding sequences share one batched forward of (B, 1) tokens, reading the decode batch's
+keys from a contiguous mirror (kv_cache.DecodeMirror); the step's prefill chunks share a second
+forward, laid out in rows of `row_width` tokens (a decode row is not padded to a chunk's length:
+that would multiply its cost). Only each sequence's last position is projected onto the
+vocabulary. The engine knows token ids only; text, chat templates and stop strings live in the
+LLM facade (llm.py).
 
 With `num_speculative_tokens = k > 0` (a model with MTP layers), greedy sequences also verify k
 MTP drafts per decode step in one (B, 1 + k) forward and emit 1..k+1 tokens (speculative.py);

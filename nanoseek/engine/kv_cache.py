@@ -121,8 +121,7 @@ class PagedCache:
     @classmethod
     def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> "PagedCache":
         """New tokens at positions (B, T) of rows whose blocks are block_tables: each goes to its slot."""
-        bs, width = pool.block_size, max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=positions.device)  # (B, W)
+        bs, tables = pool.block_size, padded_tables(block_tables, positions.device)     # (B, W)
         slots = tables.gather(1, positions // bs) * bs + positions % bs                                  # (B, T)
         return cls(pool, slots, tables, positions)
 
@@ -140,6 +139,12 @@ class PagedCache:
             rows = rows.view(heads, B, W * bs, width)
             out.append(rows.permute(1, 2, 0, 3).reshape(B, W * bs, *entry.shape[2:]))
         return (*out, self.mask)
+
+
+def padded_tables(block_tables: list[list[int]], device) -> torch.Tensor:
+    """Block tables of different lengths as one (B, W) tensor, padded with block 0 (masked keys)."""
+    width = max(len(t) for t in block_tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=device)
 
 
 def block_rows(pool: BlockPool, block_tables: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -204,9 +209,7 @@ class DecodeMirror:
             self.tensors = [[torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=dtype,
                                          device=buf.device) for buf in layer] for layer in self.pool.tensors[:self.n_layers]]
             self.capacity = capacity
-        tables = torch.tensor([s.block_table + [0] * (width // bs - len(s.block_table)) for s in seqs],
-                              device=self.pool.tensors[0][0].device)
-        index = block_rows(self.pool, tables)
+        index = block_rows(self.pool, padded_tables([s.block_table for s in seqs], self.pool.tensors[0][0].device))
         for layer, mirrors in zip(self.pool.tensors, self.tensors):
             for buf, mirror in zip(layer, mirrors):
                 rows = buf.view(-1, bs * buf.shape[2]).index_select(0, index[buf.shape[0]])
