@@ -11,9 +11,11 @@ from reference import GREEDY, full_forward_greedy
 from reference import run as run_requests
 
 from nanoseek.engine.engine import Engine, EngineConfig, keep_freed_memory, row_width
+from nanoseek.engine.kv_cache import DecodeMirror
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_deepseek_v3, tiny_llama
+from nanoseek.model.quant import quantize_
 
 
 def run(engine, requests, stagger=False):
@@ -251,15 +253,29 @@ def test_bad_requests_are_rejected_cleanly():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_engine_equals_eager_greedy():
-    # one layer keeps torch.compile's warm-up (four shapes: 1 or many rows x 1 or many tokens) short
+@pytest.mark.parametrize("bits", [None, 4])
+def test_compiled_engine_equals_eager_greedy_and_never_recompiles(monkeypatch, bits):
+    # one layer keeps torch.compile's warm-up short. head_dim 12 equals the decode mirror's first
+    # capacity (7-token warm-up prompts + HEADROOM 3, in blocks of 4): with duck sizing that
+    # coincidence made capacity a constant and each mirror rebuild recompiled. int4 layers add
+    # a shape class (int8 kernels above 8 rows); small prefills are padded into the larger one
+    monkeypatch.setattr(DecodeMirror, "HEADROOM", 3)
+    torch._dynamo.reset()          # graphs compiled by an earlier test would cover shapes warm-up missed
     torch.manual_seed(0)
-    model = Transformer(tiny_llama(n_layers=1)).eval()
-    requests = {str(i): (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts(4, seed=3))}
-    config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24)
+    model = Transformer(tiny_llama(n_layers=1, head_dim=12 if bits is None else 16)).eval()
+    if bits:
+        quantize_(model, bits=bits)
+    requests = {str(i): (p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(prompts(4, seed=3))}
+    config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=256)   # warm-up prefills in one step
     compiled = Engine(model, EngineConfig(compile=True, **config))
     assert compiled.pool.num_free == 64 and not compiled.has_unfinished()     # warm-up left nothing behind
-    assert run(compiled, requests, stagger=True) == run(Engine(model, EngineConfig(**config)), requests, stagger=True)
+    eager = Engine(model, EngineConfig(**config))
+    # a lone row of 24 tokens (warm-up's lone prefill had 7), its mirror rebuilt at new capacities
+    alone = {"solo": (list(range(2, 26)), SamplingParams(max_tokens=12, **GREEDY))}
+    with torch._dynamo.config.patch(error_on_recompile=True):      # warm-up covered every shape class
+        assert run(compiled, alone) == run(eager, alone)
+        assert run(compiled, requests, stagger=True) == run(eager, requests, stagger=True)
+        assert run(compiled, alone) == run(eager, alone)     # a full prefix hit: a prefill of 1 token
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
+from ..model.quant import QuantLinear
 from .kv_cache import BlockPool, DecodeMirror, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
 from .scheduler import Scheduler, Sequence
@@ -44,8 +45,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
     compile: bool = False                   # torch.compile the forward (dynamic shapes), warmed up at start
     keep_freed_memory: bool = True          # glibc: reuse freed activations instead of unmapping them
-    mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror);
-                                            # off when compile is on
+    mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror)
 
 
 @dataclass
@@ -79,9 +79,7 @@ class Engine:
         margin = min(c.num_speculative_tokens, model.cfg.n_mtp_layers)     # MTP depth chained per position
         self.scheduler = Scheduler(self.pool, c.max_num_seqs, c.max_num_batched_tokens, c.enable_prefix_caching,
                                    prefix_hit_margin=margin)
-        # not with compile: a compiled forward recompiles as the mirror is rebuilt (1.6 tok/s single stream
-        # in the benchmark), though warm it measured 10 ms a token, 45 ms a 32-row step: work to do
-        self.mirror = DecodeMirror(self.pool, model.cfg.n_layers) if c.mirror_decode and not c.compile else None
+        self.mirror = DecodeMirror(self.pool, model.cfg.n_layers) if c.mirror_decode else None
         self.speculator = (MTPSpeculator(model, self.scheduler, c.num_speculative_tokens, self.max_model_len)
                            if c.num_speculative_tokens else None)
         self.eos_token_ids = set(eos_token_ids)
@@ -91,8 +89,12 @@ class Engine:
         self._params = list(model.parameters())      # read every step for their version counters
         self._weights_version = self._version()
         self._hidden_states = model.hidden_states
+        self._min_tokens = 1          # tokens a paged forward is padded to (compiled: one graph for all)
         if c.compile:
             self._hidden_states = torch.compile(model.hidden_states, dynamic=True)
+            switch = [m.int8_above for m in model.modules()
+                      if isinstance(m, QuantLinear) and m.bits == 4 and m.qweight is not None]
+            self._min_tokens = max(switch, default=1) + 1
             self.warmup()
 
     # ------------------------------------------------------------------ requests
@@ -131,9 +133,9 @@ class Engine:
                 self.finish(seq, reason)
 
     def warmup(self) -> None:
-        """Run the shapes a compiled forward specialises on (1 or many rows, 1 or many new tokens; int4
-        layers also switch kernels above 8 rows), so the first real requests do not pay for compiling;
-        the pool is left as it was."""
+        """Run each shape class a compiled forward specialises on, so no real request pays for
+        compiling: paged forwards (prefill, verify; see _run) of 1 row and of several, mirrored
+        decodes of 1 row, of 2..8 (int4 kernels) and of more (int8). The pool is left as it was."""
         bs = self.config.block_size
         for n in (1, 2, 9):
             for i in range(n):
@@ -204,10 +206,21 @@ class Engine:
 
     def _run(self, tables: list[list[int]], ids: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """ids, positions (R, T) of rows whose sequences own `tables` -> final hidden states (R, T, D),
-        before the final norm."""
+        before the final norm.
+
+        A compiled forward gets one graph per shape class: dynamo specialises sizes of 1 and int4
+        layers switch kernels above `int8_above` rows. So paged forwards (prefill, verify) are
+        padded to at least 2 columns and `_min_tokens` tokens, all in one class; the padding
+        repeats each row's last token at its position, which recomputes and rewrites exactly
+        what that token does (see _forward).
+        """
+        R, T = ids.shape
         if cache is None:
+            width = max(T, -(-self._min_tokens // R), 2 if self.config.compile else 1)
+            if width > T:
+                ids, positions = (torch.cat([t, t[:, -1:].expand(R, width - T)], 1) for t in (ids, positions))
             cache = PagedCache.for_rows(self.pool, tables, positions)
-        return self._hidden_states(ids, positions, cache)
+        return self._hidden_states(ids, positions, cache)[:, :T]
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True, mirror=None):
         """Run the next counts[i] tokens of seqs[i] in one forward; logits (B, vocab) at each sequence's

@@ -43,7 +43,7 @@ class BlockPool:
         n_layers = cfg.n_layers + cfg.n_mtp_layers
         slots = num_blocks * block_size
         self.entry_shapes = cache_entry_shapes(cfg)
-        self.tensors = [[torch.zeros(_heads(shape), slots, shape[-1], dtype=dtype, device=device)
+        self.tensors = [[_static(torch.zeros(_heads(shape), slots, shape[-1], dtype=dtype, device=device), 0, 1, 2)
                          for shape in self.entry_shapes] for _ in range(n_layers)]
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -156,6 +156,21 @@ def block_rows(pool: BlockPool, block_tables: torch.Tensor) -> dict[int, torch.T
             for heads in {_heads(shape) for shape in pool.entry_shapes}}
 
 
+def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Mark dims of a cache tensor fixed for torch.compile (no effect in eager).
+
+    The compiled forward is traced with dynamic shapes, and dynamo gives equal dynamic sizes one
+    symbol ("duck sizing"): a decode mirror of capacity 64 traced beside SmolLM2's 64-wide heads
+    made capacity the constant 64, so every rebuild to another capacity recompiled (~40 s each)
+    until dynamo's recompile limit left the forward eager at 1.6 tok/s. Head counts, entry widths
+    and the pool's slot count never change, so they are static and only batch size, capacity and
+    block counts stay symbolic.
+    """
+    for d in dims:
+        torch._dynamo.mark_static(t, d)
+    return t
+
+
 def _heads(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) == 2 else 1
 
@@ -206,8 +221,9 @@ class DecodeMirror:
         dtype = torch.float32 if len(seqs) <= self.FLOAT32_ROWS else self.pool.tensors[0][0].dtype
         if len(seqs) != len(self.seqs) or capacity > self.capacity or dtype != self.tensors[0][0].dtype:
             # zeros, not empty: masked keys get probability 0, but 0 * NaN garbage in a value would be NaN
-            self.tensors = [[torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=dtype,
-                                         device=buf.device) for buf in layer] for layer in self.pool.tensors[:self.n_layers]]
+            self.tensors = [[_static(torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=dtype,
+                                                 device=buf.device), 0, 3)
+                             for buf in layer] for layer in self.pool.tensors[:self.n_layers]]
             self.capacity = capacity
         index = block_rows(self.pool, padded_tables([s.block_table for s in seqs], self.pool.tensors[0][0].device))
         for layer, mirrors in zip(self.pool.tensors, self.tensors):

@@ -47,8 +47,11 @@ def _attend_grouped(q, k, v, mask, scale):
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    # not when compiling (tested first: `T > chunk` would itself be a guard): the chunk count and
+    # the keys each chunk sees would be guards, so new prompt lengths would recompile; the step's
+    # token budget bounds the scores instead
     chunk = max(1, SCORES_BUDGET // (4 * B * H * S))
-    if T > chunk:
+    if not torch.compiler.is_compiling() and T > chunk:
         outs = []
         for t in range(0, T, chunk):
             m = mask[:, t:t + chunk]
