@@ -89,12 +89,10 @@ class Engine:
         self._params = list(model.parameters())      # read every step for their version counters
         self._weights_version = self._version()
         self._hidden_states = model.hidden_states
-        self._min_tokens = 1          # tokens a paged forward is padded to (compiled: one graph for all)
+        self._pad_paged = None        # compiled: (columns, tokens) a paged forward is padded to (see _run)
         if c.compile:
             self._hidden_states = torch.compile(model.hidden_states, dynamic=True)
-            switch = [m.int8_above for m in model.modules()
-                      if isinstance(m, QuantLinear) and m.bits == 4 and m.qweight is not None]
-            self._min_tokens = max(switch, default=1) + 1
+            self._pad_paged = (2, int4_rows(model) + 1)
             self.warmup()
 
     # ------------------------------------------------------------------ requests
@@ -135,9 +133,10 @@ class Engine:
     def warmup(self) -> None:
         """Run each shape class a compiled forward specialises on, so no real request pays for
         compiling: paged forwards (prefill, verify; see _run) of 1 row and of several, mirrored
-        decodes of 1 row, of 2..8 (int4 kernels) and of more (int8). The pool is left as it was."""
+        decodes of 1 row, of several up to `int4_rows` (int4 kernels) and of more (int8). The
+        pool is left as it was."""
         bs = self.config.block_size
-        for n in (1, 2, 9):
+        for n in sorted({1, 2, int4_rows(self.model) + 1}):
             for i in range(n):
                 self.add_request(f"__warmup_{i}", [i + 1] * (bs + 3 + i), SamplingParams(max_tokens=3, ignore_eos=True))
             while self.has_unfinished():
@@ -210,15 +209,17 @@ class Engine:
 
         A compiled forward gets one graph per shape class: dynamo specialises sizes of 1 and int4
         layers switch kernels above `int8_above` rows. So paged forwards (prefill, verify) are
-        padded to at least 2 columns and `_min_tokens` tokens, all in one class; the padding
+        padded to at least 2 columns and `int4_rows + 1` tokens, all in one class; the padding
         repeats each row's last token at its position, which recomputes and rewrites exactly
         what that token does (see _forward).
         """
         R, T = ids.shape
         if cache is None:
-            width = max(T, -(-self._min_tokens // R), 2 if self.config.compile else 1)
-            if width > T:
-                ids, positions = (torch.cat([t, t[:, -1:].expand(R, width - T)], 1) for t in (ids, positions))
+            if self._pad_paged:
+                columns, tokens = self._pad_paged
+                width = max(T, columns, -(-tokens // R))
+                if width > T:
+                    ids, positions = (torch.cat([t, t[:, -1:].expand(R, width - T)], 1) for t in (ids, positions))
             cache = PagedCache.for_rows(self.pool, tables, positions)
         return self._hidden_states(ids, positions, cache)[:, :T]
 
@@ -306,6 +307,13 @@ class Engine:
 
     def _version(self) -> int:
         return sum(p._version for p in self._params)
+
+
+def int4_rows(model: Transformer) -> int:
+    """Most rows a forward may have and still run the model's int4 kernels (above it they switch
+    to int8 copies; quant.QuantLinear); 1 for a model without them."""
+    return max((m.int8_above for m in model.modules()
+                if isinstance(m, QuantLinear) and m.bits == 4 and m.qweight is not None), default=1)
 
 
 def row_width(counts: list[int], computed: list[int]) -> int:
