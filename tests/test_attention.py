@@ -25,7 +25,7 @@ def test_naive_and_absorbed_mla_agree():
     positions = torch.arange(11).expand(2, 11)
     with torch.no_grad():
         q_nope, q_pe, kv, k_pe = _mla_inputs(attn, x, positions, model)
-        naive = attn.attend_naive(q_nope, q_pe, kv, k_pe, mask=None)
+        naive = attn.attend_naive(q_nope, q_pe, kv, k_pe)
         absorbed = attn.attend_absorbed(q_nope, q_pe, torch.cat([kv, k_pe], -1), mask=None)
     assert naive.shape == absorbed.shape == (2, 11, cfg.n_heads, cfg.v_head_dim)
     assert (naive - absorbed).abs().max() < 1e-5
@@ -66,10 +66,12 @@ def test_grouped_attention_matches_sdpa_on_strided_inputs():
     from nanoseek.model.attention import _attend_grouped
     B, T, S, H, Hkv, D = 3, 4, 9, 6, 2, 8
     q = torch.randn(B, T, H, D).transpose(1, 2)             # strided, as GQA.forward passes them
-    k, v = torch.randn(B, S, Hkv, D).transpose(1, 2), torch.randn(B, S, Hkv, D).transpose(1, 2)
+    # heads-major views of (B, S, Hkv, D) memory, as DenseCache returns them
+    k, v = torch.randn(B, S, Hkv, D).permute(2, 0, 1, 3), torch.randn(B, S, Hkv, D).permute(2, 0, 1, 3)
     mask = torch.rand(B, T, S) > 0.3
     mask[..., 0] = True
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1),
+                                          scale=0.3, enable_gqa=True)
     assert (_attend_grouped(q, k, v, mask, 0.3) - want).abs().max() < 1e-5
     low = _attend_grouped(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.3).float()
     assert (low - want).abs().max() < 0.05
@@ -82,8 +84,9 @@ def test_grouped_attention_in_query_chunks_matches_sdpa(monkeypatch):
     B, T, S, H, Hkv, D = 2, 37, 48, 6, 2, 8
     monkeypatch.setattr(attention, "SCORES_BUDGET", 4 * B * H * S * 5)      # chunks of 5 queries
     q = torch.randn(B, T, H, D).transpose(1, 2)
-    k, v = torch.randn(B, S, Hkv, D).transpose(1, 2), torch.randn(B, S, Hkv, D).transpose(1, 2)
+    k, v = torch.randn(Hkv, B, S, D), torch.randn(Hkv, B, S, D)           # heads-major, as the paged cache
     positions = torch.tensor([list(range(5, 5 + T)), list(range(T))])    # causal, row offsets differ
     mask = torch.arange(S).view(1, 1, S) <= positions.unsqueeze(-1)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1),
+                                          scale=0.3, enable_gqa=True)
     assert (attention._attend_grouped(q, k, v, mask, 0.3) - want).abs().max() < 1e-5

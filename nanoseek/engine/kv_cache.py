@@ -3,10 +3,13 @@
 Memory is one tensor per (layer, cache entry) of `num_blocks * block_size` token slots, allocated
 once (no per-step reallocation). What a slot holds comes from the model (model/cache.py): k and v
 for GQA, or MLA's absorbed latent — kv_lora_rank + qk_rope_head_dim values per token per layer.
-Each tensor is heads-major, (heads, slots, width) (heads = 1 for MLA's latent): gathering a
-batch's blocks then yields (heads, B, S, width), where one batched matmul per layer serves every
-(kv head, row) pair with no further copy; blocks are gathered whole with `index_select`, which
-measured ~7x faster than indexing slot by slot (B = 32, 200 keys, bf16).
+Each tensor is heads-major, (heads, num_blocks, block_size, width) (heads = 1 for MLA's latent):
+gathering a batch's blocks then yields (heads, B, S, width), where one batched matmul per layer
+serves every (kv head, row) pair with no further copy; blocks are gathered whole with
+`index_select`, which measured ~7x faster than indexing slot by slot (B = 32, 200 keys, bf16).
+All four sizes are static for torch.compile (`_static`), so code inside a compiled forward reads
+the block size from the tensor's shape: the `block_size` attribute would be a symbolic int there,
+and integer division by it in every gathered element's index.
 
 Prefix caching (DeepSeek's context cache, vLLM's automatic prefix caching): a *full* block is
 hashed with its token ids and its parent block's hash, so equal prefixes map to equal blocks.
@@ -41,9 +44,9 @@ class BlockPool:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         n_layers = cfg.n_layers + cfg.n_mtp_layers
-        slots = num_blocks * block_size
         self.entry_shapes = cache_entry_shapes(cfg)
-        self.tensors = [[_static(torch.zeros(_heads(shape), slots, shape[-1], dtype=dtype, device=device), 0, 1, 2)
+        self.tensors = [[_static(torch.zeros(_heads(shape), num_blocks, block_size, shape[-1], dtype=dtype,
+                                             device=device), 0, 1, 2, 3)
                          for shape in self.entry_shapes] for _ in range(n_layers)]
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -55,11 +58,11 @@ class BlockPool:
         return len(self.free)
 
     def bytes_per_token(self) -> int:
-        return sum(t.element_size() * t.shape[0] * t.shape[2] for layer in self.tensors for t in layer)
+        return sum(t.element_size() * t.shape[0] * t.shape[3] for layer in self.tensors for t in layer)
 
     def read(self, layer_id: int, entry: int, slots: torch.Tensor) -> torch.Tensor:
         """What the given slots (N,) hold for one of a layer's entries: (N, *entry shape)."""
-        buf = self.tensors[layer_id][entry]
+        buf = _slots(self.tensors[layer_id][entry])
         return buf[:, slots].transpose(0, 1).reshape(len(slots), *self.entry_shapes[entry])
 
     def allocate(self) -> int:
@@ -126,18 +129,21 @@ class PagedCache:
         return cls(pool, slots, tables, positions)
 
     def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
-        """Write entries (B, T, *shape); return each as (B, S, *shape), a view of (heads, B, S, width)
-        memory, and the mask (B, T, S)."""
-        out, bs = [], self.pool.block_size
-        B, W = self.block_tables.shape      # read from shapes, not stored ints: torch.compile keeps them symbolic
+        """Write entries (B, T, *shape); return each as (heads, B, S, width), and the mask (B, T, S)."""
+        out = []
         for buf, entry in zip(self.pool.tensors[layer_id], entries):
-            heads, width = buf.shape[0], buf.shape[2]
+            heads, _, bs, width = buf.shape
             new = entry.reshape(-1, heads, width).transpose(0, 1)                # (heads, B*T, width)
-            buf.index_copy_(1, self.slots, new.to(buf.dtype))
+            _slots(buf).index_copy_(1, self.slots, new.to(buf.dtype))
             # one index_select of whole blocks along dim 0 (along dim 1 it measured ~5x slower)
-            rows = buf.view(-1, bs * width).index_select(0, self.block_rows[heads])
-            rows = rows.view(heads, B, W * bs, width)
-            out.append(rows.permute(1, 2, 0, 3).reshape(B, W * bs, *entry.shape[2:]))
+            index = self.block_rows[heads]                                       # (heads, B, W)
+            _, B, W = index.shape
+            rows = buf.view(-1, bs * width).index_select(0, index.flatten())
+            # as_strided, not view: compiled, inductor's view of a gathered buffer with symbolic sizes
+            # kept floor divisions and modulos it could not simplify, and it copied k and v element
+            # by element (~0.5 s of a 2,900-token prefill); as_strided is a plain reinterpretation
+            S = W * bs
+            out.append(rows.as_strided((heads, B, S, width), (B * S * width, S * width, width, 1)))
         return (*out, self.mask)
 
 
@@ -149,10 +155,9 @@ def padded_tables(block_tables: list[list[int]], device) -> torch.Tensor:
 
 def block_rows(pool: BlockPool, block_tables: torch.Tensor) -> dict[int, torch.Tensor]:
     """Rows h * num_blocks + block of a pool tensor viewed as (heads * num_blocks, block_size * width),
-    for every head and every block of every row of block_tables (B, W), heads outermost:
-    {heads: (heads * B * W,)} for each head count the pool's entries have."""
-    blocks = block_tables.flatten()
-    return {heads: (torch.arange(heads, device=blocks.device).unsqueeze(1) * pool.num_blocks + blocks).flatten()
+    for every head and every block of every row of block_tables (B, W): {heads: (heads, B, W)} for
+    each head count the pool's entries have."""
+    return {heads: torch.arange(heads, device=block_tables.device).view(-1, 1, 1) * pool.num_blocks + block_tables
             for heads in {_heads(shape) for shape in pool.entry_shapes}}
 
 
@@ -169,6 +174,11 @@ def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
     for d in dims:
         torch._dynamo.mark_static(t, d)
     return t
+
+
+def _slots(buf: torch.Tensor) -> torch.Tensor:
+    """A pool tensor (heads, num_blocks, block_size, width) as (heads, slots, width)."""
+    return buf.view(buf.shape[0], -1, buf.shape[3])
 
 
 def _heads(shape: tuple[int, ...]) -> int:
@@ -221,15 +231,15 @@ class DecodeMirror:
         dtype = torch.float32 if len(seqs) <= self.FLOAT32_ROWS else self.pool.tensors[0][0].dtype
         if len(seqs) != len(self.seqs) or capacity > self.capacity or dtype != self.tensors[0][0].dtype:
             # zeros, not empty: masked keys get probability 0, but 0 * NaN garbage in a value would be NaN
-            self.tensors = [[_static(torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[2], dtype=dtype,
+            self.tensors = [[_static(torch.zeros(buf.shape[0], len(seqs), capacity, buf.shape[3], dtype=dtype,
                                                  device=buf.device), 0, 3)
                              for buf in layer] for layer in self.pool.tensors[:self.n_layers]]
             self.capacity = capacity
         index = block_rows(self.pool, padded_tables([s.block_table for s in seqs], self.pool.tensors[0][0].device))
         for layer, mirrors in zip(self.pool.tensors, self.tensors):
             for buf, mirror in zip(layer, mirrors):
-                rows = buf.view(-1, bs * buf.shape[2]).index_select(0, index[buf.shape[0]])
-                mirror[:, :, :width].copy_(rows.view(buf.shape[0], len(seqs), width, buf.shape[2]))
+                rows = buf.view(-1, bs * buf.shape[3]).index_select(0, index[buf.shape[0]].flatten())
+                mirror[:, :, :width].copy_(rows.view(buf.shape[0], len(seqs), width, buf.shape[3]))
         self.seqs = list(seqs)
 
 
@@ -245,19 +255,17 @@ class MirroredCache:
                                    for p in row], device=device)                         # (B*T,) pool slots
         # every row sees all `capacity` keys (the mask hides the rest): with S < capacity, the (row, head)
         # matrices would not be back to back and bmm copies k (measured 2.8x slower at 32 rows)
-        self.S = mirror.capacity
-        self.mask = torch.arange(self.S, device=device).view(1, 1, self.S) <= positions.unsqueeze(-1)   # (B, T, S)
+        S = mirror.capacity
+        self.mask = torch.arange(S, device=device).view(1, 1, S) <= positions.unsqueeze(-1)   # (B, T, S)
         rows = torch.arange(B, device=device).unsqueeze(1)
         self.flat = (rows * mirror.capacity + positions).flatten()                      # (B*T,) mirror slots
 
     def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
         if layer_id >= self.mirror.n_layers:
             raise ValueError(f"layer {layer_id} is an MTP layer: the decode mirror holds the main layers only")
-        out = []
         for buf, mirror, entry in zip(self.mirror.pool.tensors[layer_id], self.mirror.tensors[layer_id], entries):
-            heads, width = buf.shape[0], buf.shape[2]
+            heads, width = buf.shape[0], buf.shape[3]
             new = entry.reshape(-1, heads, width).transpose(0, 1).to(buf.dtype)      # (heads, B*T, width)
-            buf.index_copy_(1, self.slots, new)
+            _slots(buf).index_copy_(1, self.slots, new)
             mirror.view(heads, -1, width).index_copy_(1, self.flat, new.to(mirror.dtype))
-            out.append(mirror.permute(1, 2, 0, 3).reshape(mirror.shape[1], self.S, *entry.shape[2:]))
-        return (*out, self.mask)
+        return (*self.mirror.tensors[layer_id], self.mask)       # each (heads, B, capacity, width)

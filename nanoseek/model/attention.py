@@ -18,15 +18,19 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary, yarn_mscale
 
 
-def _attend(q, k, v, mask, scale):
-    """SDPA over (B, H, T, D) tensors; causal when there is no explicit mask (B, T, S)."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+def _attend(q, k, v, scale):
+    """Causal SDPA over the same T tokens: q (B, H, T, D), k / v (B, Hkv, T, D) (no cache)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_cached(q, k, v, mask, scale):
+    """q (B, H, T, D) against cached k / v, heads-major (Hkv, B, S, D) as caches return them
+    (model/cache.py), under mask (B, T, S) -> (B, H, T, D)."""
     if q.device.type == "cpu":
         return _attend_grouped(q, k, v, mask, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1),
+                                          scale=scale, enable_gqa=k.shape[0] != q.shape[1])
 
 
 SCORES_BUDGET = 16 * 2**20     # bytes of scores (counted as float32) one _attend_grouped call materialises at most
@@ -36,17 +40,18 @@ def _attend_grouped(q, k, v, mask, scale):
     """Masked attention as two batched matmuls over (kv head, row) pairs, each serving its G query heads.
 
     On CPU, torch's masked SDPA is about 6x slower in bf16 than this for decode-shaped inputs
-    (T = 1, measured at B = 32, S = 150); the softmax accumulates in float32. The paged cache stores
-    k / v heads-major, so `k.transpose(0, 1)` is already (Hkv, B, S, D) memory and the reshape
-    below copies nothing. Long prefills run in query chunks whose scores fit SCORES_BUDGET, each
-    against the keys up to the last one it may see (causal: later chunks see more): a
-    1,000-token prompt measured 31 ms per layer in one piece (its 37 MB of scores fault in fresh
-    pages), 15 ms in chunks; torch's causal SDPA takes 12 ms but cannot serve rows of
-    different lengths.
-    q (B, H, T, D), k / v (B, Hkv, S, D), mask (B, T, S) -> (B, H, T, D).
+    (T = 1, measured at B = 32, S = 150); the softmax accumulates in float32. Caches hand k / v
+    over heads-major, (Hkv, B, S, D), so the (Hkv * B, S, D) view below copies nothing; compiled,
+    inductor then passes the gathered memory straight to bmm (a (B, S, Hkv, D) layout transposed
+    back made it copy k and v element by element, ~1 s of a 2,900-token prefill). Long prefills
+    run in query chunks whose scores fit SCORES_BUDGET, each against the keys up to the last one
+    it may see (causal: later chunks see more): a 1,000-token prompt measured 31 ms per layer in
+    one piece (its 37 MB of scores fault in fresh pages), 15 ms in chunks; torch's causal SDPA
+    takes 12 ms but cannot serve rows of different lengths.
+    q (B, H, T, D), k / v (Hkv, B, S, D), mask (B, T, S) -> (B, H, T, D).
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S = k.shape[0], k.shape[2]
     # not when compiling (tested first: `T > chunk` would itself be a guard): the chunk count and
     # the keys each chunk sees would be guards, so new prompt lengths would recompile; the step's
     # token budget bounds the scores instead
@@ -60,9 +65,11 @@ def _attend_grouped(q, k, v, mask, scale):
         return torch.cat(outs, dim=2)
     G = H // Hkv
     qg = q.reshape(B, Hkv, G * T, D).transpose(0, 1).reshape(Hkv * B, G * T, D)      # heads h = kv * G + g
-    kg, vg = (t.transpose(0, 1).reshape(Hkv * B, S, D) for t in (k, v))
+    kg, vg = k.reshape(Hkv * B, S, D), v.reshape(Hkv * B, S, D)
     # scores stay in q's dtype: the CPU softmax of bf16 accumulates in float32 (bitwise what upcasting
-    # first gives), and skipping the float32 copy saves three passes over the scores
+    # first gives), and skipping the float32 copy saves three passes over the scores. baddbmm, not
+    # bmm: inductor's attention pattern matcher rewrites bmm-softmax-bmm into an SDPA call that
+    # fails on these grouped shapes
     scores = torch.baddbmm(q.new_zeros(()), qg, kg.transpose(1, 2), beta=0, alpha=scale)   # (Hkv*B, G*T, S)
     scores.view(Hkv, B, G, T, S).add_(_bias(mask).to(scores.dtype).view(1, B, 1, T, S))
     o = torch.bmm(scores.softmax(-1), vg)                                           # (Hkv*B, G*T, D)
@@ -101,12 +108,12 @@ class GQA(nn.Module):
             qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
             qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, interleave=False)
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
-        mask = None
-        if cache is not None:
-            kv, mask = cache.update(self.layer_id, positions, torch.cat([k, v], dim=2))   # (B, S, 2*Hkv, D)
-            k, v = kv[:, :, :Hkv], kv[:, :, Hkv:]
-        # attention runs in the cache's dtype (the engine's decode mirror may keep float32 for a lone row)
-        o = _attend(q.transpose(1, 2).to(k.dtype), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).to(x.dtype)
+        if cache is None:
+            o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        else:
+            kv, mask = cache.update(self.layer_id, positions, torch.cat([k, v], dim=2))   # (2*Hkv, B, S, D)
+            # attention runs in the cache's dtype (the engine's decode mirror may keep float32 for a lone row)
+            o = _attend_cached(q.transpose(1, 2).to(kv.dtype), kv[:Hkv], kv[Hkv:], mask, self.scale).to(x.dtype)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -147,20 +154,20 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)                                                      # (B, T, C)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # (B, T, R), shared by heads
         if cache is None:
-            o = self.attend_naive(q_nope, q_pe, kv, k_pe, mask=None)
+            o = self.attend_naive(q_nope, q_pe, kv, k_pe)
         else:
-            latent, mask = cache.update(self.layer_id, positions, torch.cat([kv, k_pe], dim=-1))
-            o = self.attend_absorbed(q_nope, q_pe, latent, mask)
+            latent, mask = cache.update(self.layer_id, positions, torch.cat([kv, k_pe], dim=-1))   # (1, B, S, C + R)
+            o = self.attend_absorbed(q_nope, q_pe, latent[0], mask)
         return self.wo(o.reshape(B, T, -1))
 
-    def attend_naive(self, q_nope, q_pe, kv, k_pe, mask):
-        """Materialise per-head K (B, S, H, 192) and V (B, S, H, 128); returns (B, T, H, v_head_dim)."""
+    def attend_naive(self, q_nope, q_pe, kv, k_pe):
+        """Causal attention over the same tokens with per-head K (B, S, H, 192) and V (B, S, H, 128)
+        materialised; returns (B, T, H, v_head_dim)."""
         B, S, _ = kv.shape
         k_nope, v = self.wkv_b(kv).view(B, S, self.n_heads, -1).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
-        return o.transpose(1, 2)
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale).transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask):
         """Attend against latent (B, S, C + R) with W^UK / W^UV absorbed; returns (B, T, H, v_head_dim)."""

@@ -2,7 +2,9 @@
 
 An attention layer computes its per-token cache entries and hands them to `cache.update(layer_id,
 positions, *entries)`; the cache writes them at the given positions and returns every entry the
-queries may see, plus a boolean mask (B, T, S). What a layer stores:
+queries may see, heads-major as (heads, B, S, width), plus a boolean mask (B, T, S). Heads-major
+is how the engine's caches store keys, so attention's batched matmuls read them without a copy.
+What a layer stores:
 
 - GQA (Llama, Qwen2): ONE tensor [k; v] along heads, (B, T, 2 * n_kv_heads, head_dim): one write and
   one gather per layer instead of two.
@@ -41,7 +43,8 @@ class DenseCache:
                          for shape in cache_entry_shapes(cfg)] for _ in range(n_layers)]
 
     def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
-        """Write entries (B, T, ...) at positions (B, T); return the entries of positions < S and mask (B, T, S)."""
+        """Write entries (B, T, ...) at positions (B, T); return the entries of positions < S, each
+        (heads, B, S, width) (heads = 1 for a one-dimensional entry), and mask (B, T, S)."""
         B, T = positions.shape
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} is past the cache length {self.max_len}")
@@ -50,7 +53,8 @@ class DenseCache:
         out = []
         for buf, entry in zip(self.buffers[layer_id], entries):
             buf[rows, positions] = entry.to(buf.dtype)
-            out.append(buf[:B, :S])
+            seen = buf[:B, :S]
+            out.append(seen.permute(2, 0, 1, 3) if seen.dim() == 4 else seen.unsqueeze(0))
         keys = torch.arange(S, device=positions.device)
         mask = keys.view(1, 1, S) <= positions.unsqueeze(-1)          # (B, T, S)
         return (*out, mask)
