@@ -122,7 +122,7 @@ class PagedCache:
         self.block_rows = block_rows(pool, block_tables)
 
     @classmethod
-    def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> "PagedCache":
+    def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> PagedCache:
         """New tokens at positions (B, T) of rows whose blocks are block_tables: each goes to its slot."""
         bs, tables = pool.block_size, padded_tables(block_tables, positions.device)     # (B, W)
         slots = tables.gather(1, positions // bs) * bs + positions % bs                                  # (B, T)
