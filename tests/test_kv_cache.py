@@ -53,3 +53,23 @@ def test_paged_forward_matches_dense_cache(cfg):
         got = torch.cat([paged(0, 9), paged(9, 10), paged(10, 13)], dim=1)
         want = model(ids, torch.arange(13)[None], DenseCache(cfg, 1, 16))
     assert (got - want).abs().max() < 1e-5
+
+
+def test_caches_return_heads_major_entries_that_reshape_without_a_copy():
+    """The update contract (model/cache.py): entries come back (heads, B, S, width); the paged
+    gather is one contiguous block, so attention's (Hkv * B, S, D) views of k and v copy nothing."""
+    cfg = tiny_llama()
+    Hkv, D = cfg.n_kv_heads, cfg.head_dim
+    pool = BlockPool(cfg, num_blocks=8, block_size=4)
+    tables = torch.tensor([[3, 6], [1, 0]])                              # 2 rows of 2 blocks: S = 8
+    positions = torch.tensor([[5, 6], [1, 2]])
+    slots = tables.gather(1, positions // 4) * 4 + positions % 4
+    entry = torch.randn(2, 2, 2 * Hkv, D)
+    kv, mask = PagedCache(pool, slots, tables, positions).update(0, positions, entry)
+    assert kv.shape == (2 * Hkv, 2, 8, D) and mask.shape == (2, 2, 8) and kv.is_contiguous()
+    for half in (kv[:Hkv], kv[Hkv:]):
+        assert half.reshape(Hkv * 2, 8, D).data_ptr() == half.data_ptr()     # a view, not a copy
+    # row 0's token at position 5 sits at key 5 of its row; row 1's at position 2 at key 2
+    assert torch.equal(kv[:, 0, 5], entry[0, 0]) and torch.equal(kv[:, 1, 2], entry[1, 1])
+    dense, _ = DenseCache(cfg, 2, 8).update(0, positions, entry)
+    assert dense.shape == (2 * Hkv, 2, 7, D) and torch.equal(dense[:, 0, 5], entry[0, 0])
