@@ -112,7 +112,7 @@ class PagedCache:
     """
 
     def __init__(self, pool: BlockPool, slots: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor):
-        self.pool, self.slots, self.block_tables = pool, slots.flatten(), block_tables
+        self.pool, self.slots = pool, slots.flatten()
         # every row sees its W whole blocks (S = W * block_size keys, the mask hides the unwritten
         # and padding slots): the gathered memory stays one contiguous (heads, B, S, width) tensor,
         # which bmm takes as is; a narrower slice would make it copy
@@ -132,18 +132,10 @@ class PagedCache:
         """Write entries (B, T, *shape); return each as (heads, B, S, width), and the mask (B, T, S)."""
         out = []
         for buf, entry in zip(self.pool.tensors[layer_id], entries):
-            heads, _, bs, width = buf.shape
+            heads, width = buf.shape[0], buf.shape[3]
             new = entry.reshape(-1, heads, width).transpose(0, 1)                # (heads, B*T, width)
             _slots(buf).index_copy_(1, self.slots, new.to(buf.dtype))
-            # one index_select of whole blocks along dim 0 (along dim 1 it measured ~5x slower)
-            index = self.block_rows[heads]                                       # (heads, B, W)
-            _, B, W = index.shape
-            rows = buf.view(-1, bs * width).index_select(0, index.flatten())
-            # as_strided, not view: compiled, inductor's view of a gathered buffer with symbolic sizes
-            # kept floor divisions and modulos it could not simplify, and it copied k and v element
-            # by element (~0.3 s of a 2,900-token prefill); as_strided is a plain reinterpretation
-            S = W * bs
-            out.append(rows.as_strided((heads, B, S, width), (B * S * width, S * width, width, 1)))
+            out.append(gather_blocks(buf, self.block_rows[heads]))
         return (*out, self.mask)
 
 
@@ -174,6 +166,22 @@ def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
     for d in dims:
         torch._dynamo.mark_static(t, d)
     return t
+
+
+def gather_blocks(buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Blocks of a pool tensor (heads, num_blocks, block_size, width) at block_rows' index
+    (heads, B, W): one contiguous (heads, B, W * block_size, width) tensor.
+
+    One index_select of whole blocks along dim 0 (along dim 1 it measured ~5x slower). The result
+    is reinterpreted with as_strided, not view: compiled, inductor's view of a gathered buffer with
+    symbolic sizes kept floor divisions and modulos it could not simplify, and it copied k and v
+    element by element (~0.3 s of a 2,900-token prefill).
+    """
+    heads, _, bs, width = buf.shape
+    _, B, W = index.shape
+    rows = buf.view(-1, bs * width).index_select(0, index.flatten())
+    S = W * bs
+    return rows.as_strided((heads, B, S, width), (B * S * width, S * width, width, 1))
 
 
 def _slots(buf: torch.Tensor) -> torch.Tensor:
@@ -238,8 +246,7 @@ class DecodeMirror:
         index = block_rows(self.pool, padded_tables([s.block_table for s in seqs], self.pool.tensors[0][0].device))
         for layer, mirrors in zip(self.pool.tensors, self.tensors):
             for buf, mirror in zip(layer, mirrors):
-                rows = buf.view(-1, bs * buf.shape[3]).index_select(0, index[buf.shape[0]].flatten())
-                mirror[:, :, :width].copy_(rows.view(buf.shape[0], len(seqs), width, buf.shape[3]))
+                mirror[:, :, :width].copy_(gather_blocks(buf, index[buf.shape[0]]))
         self.seqs = list(seqs)
 
 
