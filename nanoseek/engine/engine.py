@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import Transformer
+from ..model import Transformer, kernels
 from ..model.quant import QuantLinear
 from .kv_cache import BlockPool, DecodeMirror, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
@@ -70,6 +70,8 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
+        if self.device.type == "cpu":
+            kernels.load()         # decode attention in C++ (built on first use; a torch fallback otherwise)
         self.max_model_len = c.max_model_len or model.cfg.max_seq_len
         probe = BlockPool(model.cfg, 1, c.block_size, self.dtype, "meta")
         num_blocks = c.num_blocks or max(int(c.kv_cache_gb * 2**30 / (probe.bytes_per_token() * c.block_size)), 1)

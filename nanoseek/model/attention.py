@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary, yarn_mscale
 
@@ -26,7 +27,10 @@ def _attend(q, k, v, scale):
 
 def _attend_cached(q, k, v, mask, scale):
     """q (B, H, T, D) against cached k / v, heads-major (Hkv, B, S, D) as caches return them
-    (model/cache.py), under mask (B, T, S) -> (B, H, T, D)."""
+    (model/cache.py), under mask (B, T, S) -> (B, H, T, D). Decode (T = 1) on CPU takes the C++
+    kernel when it is loaded (model/kernels.py)."""
+    if kernels.decode_attention_applies(q, k, v):
+        return kernels.decode_attention(q, k, v, mask, scale)
     if q.device.type == "cpu":
         return _attend_grouped(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1),

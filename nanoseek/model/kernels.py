@@ -1,0 +1,112 @@
+"""C++ kernels for the CPU, compiled on first use and loaded as torch ops (`torch.ops.nanoseek.*`).
+
+One kernel so far: decode attention (csrc/decode_attention.cpp). At 32 concurrent decodes of
+SmolLM2-135M it replaces two batched matmuls and a softmax that read the cached keys and values
+at ~2.5x the time DRAM needs for them: bf16 bmm with 3 query rows per kv head (GQA) is dominated
+by per-matrix overhead, and every row attends to the decode batch's full capacity. The kernel
+reads each visible key and value once for all the query heads that share it, skips masked keys,
+and keeps the softmax in float32 registers: 30 layers went from 14-16 ms to ~8.6 ms a step
+(B = 32, ~165 of 225 keys visible; docs/benchmarks.md).
+
+Built with the C++ compiler torch.compile already needs (`c++`, or $CXX), against torch's headers,
+into ~/.cache/nanoseek/kernels (or $NANOSEEK_CACHE/kernels) under a hash of the source, torch's
+version and the CPU's flags; about 10 s the first time. Without a compiler, or with
+NANOSEEK_KERNELS=0, `load` returns False and attention keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+_state: dict[str, bool | str] = {}      # "loaded": bool, "error": why not
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek"
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def compile_flags(defines: tuple[str, ...] = ()) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w",
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-D{d}" for d in defines)]
+            + [f"-I{p}" for p in include_paths()] + [f"-L{p}" for p in library_paths()] + ["-ltorch_cpu", "-lc10"])
+
+
+def build(defines: tuple[str, ...] = ()) -> Path:
+    """Compile SOURCE (once per source, torch version, CPU and defines) -> path of the shared library.
+    Raises RuntimeError with the compiler's message when it fails."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = compile_flags(defines)
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, _cpu_flags(), compiler, *flags])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:      # concurrent builds each rename whole
+        out = Path(tmp) / target.name
+        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+def load() -> bool:
+    """Build and load the kernels once per process; True when torch.ops.nanoseek is usable."""
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    _state["loaded"] = False
+    if os.environ.get("NANOSEEK_KERNELS", "1") == "0":
+        _state["error"] = "disabled by NANOSEEK_KERNELS=0"
+        return False
+    try:
+        torch.ops.load_library(str(build()))
+    except (RuntimeError, OSError) as e:
+        _state["error"] = str(e)
+        log.warning("nanoseek C++ kernels unavailable, attention uses its torch path: %s", e)
+        return False
+
+    @torch.library.register_fake("nanoseek::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+
+    _state["loaded"] = True
+    return True
+
+
+def loaded() -> bool:
+    return bool(_state.get("loaded"))
+
+
+def decode_attention(q, k, v, mask, scale: float):
+    """q (B, H, 1, Dk) against k (Hkv, B, S, Dk), v (Hkv, B, S, Dv) under mask (B, 1, S) -> (B, H, 1, Dv)."""
+    return torch.ops.nanoseek.decode_attention(q.squeeze(2), k, v, mask.squeeze(1), scale).unsqueeze(2)
+
+
+def decode_attention_applies(q, k, v) -> bool:
+    """Whether the kernel serves this call: loaded, CPU, one query token, float32 / bfloat16, no autograd."""
+    return (loaded() and q.device.type == "cpu" and q.shape[2] == 1 and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and v.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
