@@ -66,7 +66,7 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:      # concurrent builds each rename whole
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True)
+        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)

@@ -42,21 +42,18 @@ inline __m512 load16(const c10::BFloat16* p) {     // bf16 is float32's top half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// dot products of one key with 4 query heads; D % 16 == 0. The four 16-lane partial sums are
-// folded into one __m128 by two unpack/shuffle rounds and a lane sum, instead of four separate
-// horizontal reductions (which took most of the time in a plain-C++ version)
-template <typename T>
+// dot products of one key with NG <= 4 query heads; D % 16 == 0. The four 16-lane partial sums
+// (zeros past NG) are folded into one __m128 by two unpack/shuffle rounds and a lane sum, instead
+// of four separate horizontal reductions (which took most of the time in a plain-C++ version)
+template <int NG, typename T>
 inline __m128 dot4(const float* q, int64_t D, const T* k) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t d = 0; d < D; d += 16) {
     const __m512 kd = load16(k + d);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), kd, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + D + d), kd, a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 2 * D + d), kd, a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 3 * D + d), kd, a3);
+    for (int i = 0; i < NG; ++i) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + d), kd, a[i]);
   }
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
   const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
                                  _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
   const __m512 h = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -74,9 +71,7 @@ inline __m512 exp16(__m512 x) {
   for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
-#endif
 
-#ifdef NANOSEEK_AVX512
 // max / sum over the four 128-bit lanes: per column of a (n, 4) array read 16 floats at a time
 template <typename Op>
 inline __m128 fold4(__m512 x, Op op) {
@@ -85,61 +80,76 @@ inline __m128 fold4(__m512 x, Op op) {
 }
 inline __mmask16 tail_mask(int64_t lanes) { return static_cast<__mmask16>((1u << lanes) - 1); }
 
-// acc[g][c] += p_g * v[c * 16 ...] for 4 heads and NC 16-float chunks, accumulators in registers
-template <int NC, typename T>
+// acc[g][c] += p_g * v[c * 16 ...] for NG heads and NC 16-float chunks, accumulators in registers
+template <int NG, int NC, typename T>
 void weigh_values(const float* scores, const int32_t* idx, int64_t n, const T* v, int64_t stride, float* out,
                   int64_t Dv, const float* inv) {
-  __m512 acc[4][NC];
+  __m512 acc[NG][NC];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const T* vs = v + idx[j] * stride;
     __m512 vd[NC];
     for (int c = 0; c < NC; ++c) vd[c] = load16(vs + 16 * c);
-    for (int g = 0; g < 4; ++g) {
+    for (int g = 0; g < NG; ++g) {
       const __m512 p = _mm512_set1_ps(scores[4 * j + g]);
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_fmadd_ps(p, vd[c], acc[g][c]);
     }
   }
-  for (int g = 0; g < 4; ++g)
+  for (int g = 0; g < NG; ++g)
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + g * Dv + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
 }
 
-// one (kv head, row) item, query heads in groups of 4: q (Gpad, Dk) -> out (Gpad, Dv); Dk, Dv % 16 == 0.
-// scores (n, 4) per group: a key's four scores side by side, so each step below is whole vectors
+// NG <= 4 query heads of one (kv head, row) item: q (NG, Dk) -> out (NG, Dv); Dk, Dv % 16 == 0.
+// scores (n, 4): a key's scores side by side, so each step below is whole vectors (lanes past NG
+// hold zeros and are never read back)
+template <int NG, typename T>
+void attend_group(const float* q, int64_t Dk, int64_t Dv, const T* k, int64_t kstride, const T* v, int64_t vstride,
+                  const int32_t* idx, int64_t n, float* scores, float* out) {
+  for (int64_t j = 0; j < n; ++j) _mm_storeu_ps(scores + 4 * j, dot4<NG>(q, Dk, k + idx[j] * kstride));
+  const int64_t full = 4 * n / 16 * 16, rest = 4 * n - full;      // floats in whole vectors, and after
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(scores + i));
+  if (rest) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(rest), scores + full));
+  const __m512 best = _mm512_broadcast_f32x4(fold4(mx, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), best));
+    _mm512_storeu_ps(scores + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (rest) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(rest), scores + full), best));
+    _mm512_mask_storeu_ps(scores + full, tail_mask(rest), e);
+    sum = _mm512_mask_add_ps(sum, tail_mask(rest), sum, e);
+  }
+  float inv[4];
+  _mm_storeu_ps(inv, fold4(sum, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); }));
+  for (float& x : inv) x = x > 0.f ? 1.f / x : 0.f;       // a row with no visible key gives zeros
+  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {               // up to 4 heads x 4 chunks = 16 accumulators
+    const T* vd = v + d0;
+    float* o = out + d0;
+    switch (std::min<int64_t>(4, (Dv - d0) / 16)) {
+      case 4: weigh_values<NG, 4>(scores, idx, n, vd, vstride, o, Dv, inv); break;
+      case 3: weigh_values<NG, 3>(scores, idx, n, vd, vstride, o, Dv, inv); break;
+      case 2: weigh_values<NG, 2>(scores, idx, n, vd, vstride, o, Dv, inv); break;
+      default: weigh_values<NG, 1>(scores, idx, n, vd, vstride, o, Dv, inv);
+    }
+  }
+}
+
+// one (kv head, row) item, its G query heads in groups of 4: q (G, Dk) -> out (G, Dv)
 template <typename T>
-void attend_item(const float* q, int64_t Gpad, int64_t Dk, int64_t Dv, const T* k, int64_t kstride, const T* v,
+void attend_item(const float* q, int64_t G, int64_t Dk, int64_t Dv, const T* k, int64_t kstride, const T* v,
                  int64_t vstride, const int32_t* idx, int64_t n, float* scores, float* out) {
-  for (int64_t g0 = 0; g0 < Gpad; g0 += 4) {
-    for (int64_t j = 0; j < n; ++j) _mm_storeu_ps(scores + 4 * j, dot4(q + g0 * Dk, Dk, k + idx[j] * kstride));
-    const int64_t full = 4 * n / 16 * 16, rest = 4 * n - full;      // floats in whole vectors, and after
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(scores + i));
-    if (rest) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(rest), scores + full));
-    const __m512 best = _mm512_broadcast_f32x4(fold4(mx, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; i += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), best));
-      _mm512_storeu_ps(scores + i, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    if (rest) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(rest), scores + full), best));
-      _mm512_mask_storeu_ps(scores + full, tail_mask(rest), e);
-      sum = _mm512_mask_add_ps(sum, tail_mask(rest), sum, e);
-    }
-    float inv[4];
-    _mm_storeu_ps(inv, fold4(sum, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); }));
-    for (float& x : inv) x = x > 0.f ? 1.f / x : 0.f;       // a row with no visible key gives zeros
-    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {               // 4 heads x 4 chunks = 16 accumulators
-      const T* vd = v + d0;
-      float* o = out + g0 * Dv + d0;
-      switch (std::min<int64_t>(4, (Dv - d0) / 16)) {
-        case 4: weigh_values<4>(scores, idx, n, vd, vstride, o, Dv, inv); break;
-        case 3: weigh_values<3>(scores, idx, n, vd, vstride, o, Dv, inv); break;
-        case 2: weigh_values<2>(scores, idx, n, vd, vstride, o, Dv, inv); break;
-        default: weigh_values<1>(scores, idx, n, vd, vstride, o, Dv, inv);
-      }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = q + g0 * Dk;
+    float* og = out + g0 * Dv;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: attend_group<4>(qg, Dk, Dv, k, kstride, v, vstride, idx, n, scores, og); break;
+      case 3: attend_group<3>(qg, Dk, Dv, k, kstride, v, vstride, idx, n, scores, og); break;
+      case 2: attend_group<2>(qg, Dk, Dv, k, kstride, v, vstride, idx, n, scores, og); break;
+      default: attend_group<1>(qg, Dk, Dv, k, kstride, v, vstride, idx, n, scores, og);
     }
   }
 }
@@ -174,7 +184,7 @@ template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                            double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), Dv = v.size(3);
-  const int64_t Hkv = k.size(0), S = k.size(2), G = H / Hkv, Gpad = (G + 3) / 4 * 4;
+  const int64_t Hkv = k.size(0), S = k.size(2), G = H / Hkv;
   bool vector = false;
 #ifdef NANOSEEK_AVX512
   vector = Dk % 16 == 0 && Dv % 16 == 0;
@@ -186,7 +196,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   T* op = out.mutable_data_ptr<T>();
   // one work item per (kv head, row): its keys and values are read by exactly one thread
   at::parallel_for(0, Hkv * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Gpad * Dk, 0.f), scores(Gpad * S), o(Gpad * Dv);
+    std::vector<float> qf(G * Dk), scores(std::max<int64_t>(G, 4) * S), o(G * Dv);
     std::vector<int32_t> idx(S);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / B, b = item % B;
@@ -198,7 +208,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
       const T* vb = vp + h * v.stride(0) + b * v.stride(1);
 #ifdef NANOSEEK_AVX512
       if (vector)
-        attend_item(qf.data(), Gpad, Dk, Dv, kb, k.stride(2), vb, v.stride(2), idx.data(), n, scores.data(), o.data());
+        attend_item(qf.data(), G, Dk, Dv, kb, k.stride(2), vb, v.stride(2), idx.data(), n, scores.data(), o.data());
 #endif
       if (!vector)
         attend_item_generic(qf.data(), G, Dk, Dv, kb, k.stride(2), vb, v.stride(2), idx.data(), n, scores.data(),
