@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nanoseek.model import DenseCache, Transformer
@@ -90,3 +91,25 @@ def test_grouped_attention_in_query_chunks_matches_sdpa(monkeypatch):
     want = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1),
                                           scale=0.3, enable_gqa=True)
     assert (attention._attend_grouped(q, k, v, mask, 0.3) - want).abs().max() < 1e-5
+
+
+def test_absorbed_mla_decode_takes_the_kernel_and_agrees_with_the_matmul_path(monkeypatch):
+    from nanoseek.model import kernels
+    if not kernels.load():
+        pytest.skip(f"C++ kernels unavailable: {kernels._state.get('error')}")
+    cfg = tiny_deepseek_v3()
+    model = Transformer(cfg).eval()
+    attn = model.layers[0].attn
+    positions = torch.tensor([[4], [9], [0]])
+    latent = torch.randn(3, 12, cfg.kv_lora_rank + cfg.qk_rope_head_dim)            # keys 10, 11: not written yet
+    mask = torch.arange(12).view(1, 1, 12) <= positions.unsqueeze(-1)                 # (B, T=1, S)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        q_nope, q_pe, _, _ = _mla_inputs(attn, torch.randn(3, 1, cfg.dim), positions, model)
+        fast = attn.attend_absorbed(q_nope, q_pe, latent, mask)
+        monkeypatch.setattr(kernels, "decode_attention_applies", lambda *a: False)
+        slow = attn.attend_absorbed(q_nope, q_pe, latent, mask)
+    assert calls == [1] and fast.shape == slow.shape == (3, 1, cfg.n_heads, cfg.v_head_dim)
+    assert (fast - slow).abs().max() < 1e-5

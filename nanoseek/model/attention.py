@@ -181,6 +181,11 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]   # (H, dn, C), (H, dv, C)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                       # (B, T, H, C)
         q_all = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.qk_rope_head_dim).to(latent.dtype)
+        if T == 1 and mask is not None and kernels.decode_attention_applies(q_all.unsqueeze(2), latent, latent):
+            # decode: an MQA whose one kv head is the latent (model/kernels.py)
+            o_lat = kernels.decode_attention(q_all.unsqueeze(2), latent.unsqueeze(0), latent[..., :C].unsqueeze(0),
+                                             mask, self.scale)                                # (B, H, 1, C)
+            return torch.einsum("bthc,hdc->bthd", o_lat.transpose(1, 2).to(q_nope.dtype), w_uv)
         scores = torch.bmm(q_all, latent.transpose(1, 2)).float() * self.scale     # (B, T*H, S)
         if mask is None:   # plain causal self-attention over the same T tokens
             mask = torch.ones(T, latent.shape[1], dtype=torch.bool, device=latent.device).tril().unsqueeze(0)
