@@ -195,7 +195,7 @@ class Engine:
                 self.scheduler.computed(seq, n)
         done = []                                               # (seq, its StepOutput)
         if ready:
-            logits = torch.cat(rows).float()
+            logits = torch.cat(rows)          # the model's dtype: process_logits makes the one float32 copy
             tokens, logprobs = sample(logits, [self.states[s] for s in ready], self.generator)
             for seq, token, lp in zip(ready, tokens, logprobs):
                 done.append((seq, self._output(seq, [token], [lp] if lp is not None else [], self._push(seq, token))))

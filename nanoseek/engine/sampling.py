@@ -1,6 +1,6 @@
 """Sampling: vLLM's SamplingParams, per-sequence sampler state, and one batched, seeded `sample` step.
 
-Each engine step turns float32 logits (B, V), one row per sequence that needs a next token, into
+Each engine step turns logits (B, V), one row per sequence that needs a next token, into
 token ids. Rows are processed in vLLM's order (V0's; V1 moved min-p before top-k/top-p):
 
     raw logprobs (if asked) -> repetition / presence / frequency penalties -> min_tokens ban
@@ -181,10 +181,10 @@ class SamplerState:
 @torch.no_grad()
 def sample(logits: torch.Tensor, states: list[SamplerState], generator: torch.Generator | None = None
            ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """One token per row of logits (B, V) float32; row i follows states[i]. Returns the B token ids
-    and, per row, its TokenLogprobs (None where params.logprobs is None). Does not touch `logits`
-    or the states' counts: call `state.append(token)` afterwards. `generator` serves unseeded
-    rows (None = torch's default generator)."""
+    """One token per row of logits (B, V), any float dtype (processing runs on a float32 copy); row i
+    follows states[i]. Returns the B token ids and, per row, its TokenLogprobs (None where
+    params.logprobs is None). Does not touch `logits` or the states' counts: call
+    `state.append(token)` afterwards. `generator` serves unseeded rows (None = torch's default generator)."""
     B, V = logits.shape
     wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     raw_logprobs = logits[wanted].float().log_softmax(-1) if wanted else None   # (R, V), before any processing

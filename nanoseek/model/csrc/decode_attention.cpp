@@ -28,7 +28,7 @@ namespace {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-// rows (B*H) of G query heads, converted to float32 and pre-scaled, padded to a multiple of 4 heads
+// the G query heads of one (kv head, row) item, converted to float32 and pre-scaled -> out (G, D)
 template <typename T>
 void load_queries(const T* q, int64_t stride, int64_t G, int64_t D, float scale, float* out) {
   for (int64_t g = 0; g < G; ++g)
@@ -60,12 +60,12 @@ inline __m128 dot4(const float* q, int64_t D, const T* k) {
   return _mm_add_ps(_mm512_castps512_ps128(h), _mm512_extractf32x4_ps(h, 1));
 }
 
-// e^x, x <= 0, 16 at a time: e^x = 2^n * e^f with n = floor(x log2 e), f in [0, ln 2), e^f by
-// its degree-6 Taylor polynomial (relative error < 2e-7 there); scalef applies 2^n
+// e^x, x <= 0, 16 at a time: e^x = 2^n * e^f with n = round(x log2 e), |f| <= ln 2 / 2, e^f by
+// its degree-6 Taylor polynomial (remainder < 2e-7 relative there); scalef applies 2^n
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718f), x);
   __m512 p = _mm512_set1_ps(1.f / 720);
   for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
@@ -224,7 +224,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 2,
               "decode_attention: expected q (B, H, Dk), k (Hkv, B, S, Dk), v (Hkv, B, S, Dv), mask (B, S)");
   TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2) &&
-                  k.size(1) == q.size(0) && k.size(3) == q.size(2) && q.size(1) % k.size(0) == 0 &&
+                  k.size(1) == q.size(0) && k.size(3) == q.size(2) && k.size(0) > 0 && q.size(1) % k.size(0) == 0 &&
                   mask.size(0) == q.size(0) && mask.size(1) == k.size(2),
               "decode_attention: shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
               ", mask ", mask.sizes());
