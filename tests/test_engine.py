@@ -253,12 +253,13 @@ def test_bad_requests_are_rejected_cleanly():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, 4, 8])
 def test_compiled_engine_equals_eager_greedy_and_never_recompiles(monkeypatch, bits):
     # one layer keeps torch.compile's warm-up short. head_dim 12 equals the decode mirror's first
     # capacity (7-token warm-up prompts + HEADROOM 3, in blocks of 4): with duck sizing that
     # coincidence made capacity a constant and each mirror rebuild recompiled. int4 layers add
-    # a shape class (int8 kernels above 8 rows); small prefills are padded into the larger one
+    # a shape class (int8 kernels above 8 rows); small prefills are padded into the larger one;
+    # int8 layers decode on prepacked weights (model/kernels.py), prefills on torch._int_mm
     monkeypatch.setattr(DecodeMirror, "HEADROOM", 3)
     torch._dynamo.reset()          # graphs compiled by an earlier test would cover shapes warm-up missed
     torch.manual_seed(0)

@@ -92,6 +92,29 @@ def test_int8_copy_is_used_only_above_the_threshold(monkeypatch):
     assert no_copy.qweight is None and no_copy(torch.randn(64, 128)).shape == (64, 96)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_rows_take_the_prepacked_int8_matmul_with_the_same_integers(dtype):
+    from nanoseek.model import kernels
+    if not (kernels.load() and kernels.pack_int8(torch.ones(16, 16, dtype=torch.int8)) is not None):
+        pytest.skip(f"no prepacked int8 matmul here: {kernels._state.get('error')}")
+    ql = QuantLinear.from_linear(_linear(bias=True), 8).to(dtype)
+    # decode rows (one token each, up to PACKED_ROWS of them) take it; prefills and big batches do not
+    decode, prefill, big = (torch.randn(*s, 128, dtype=dtype) for s in ((20, 1), (10, 2), (65, 1)))
+    with torch.no_grad():
+        expected = ql(decode), ql(prefill), ql(big)
+        ql.int8_handle = kernels.pack_int8(torch.zeros_like(ql.qweight))   # routes visibly: zero output
+        assert (ql(decode) == ql.bias.to(dtype)).all()
+        assert torch.equal(ql(prefill), expected[1]) and torch.equal(ql(big), expected[2])
+        ql.int8_handle = kernels.pack_int8(ql.qweight)
+        got = ql(decode)
+    if dtype == torch.bfloat16:      # the same integers and scales, rounded to bf16 the same way
+        assert torch.equal(got, expected[0])
+    else:                            # float32: the scales multiply in another order
+        assert torch.allclose(got, expected[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="unknown weight handle"):
+        torch.ops.nanoseek.int8_linear(decode[:, 0], 10**6, ql.scales)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bias_shapes_and_dtypes(bits):
     lin = _linear(bias=True)

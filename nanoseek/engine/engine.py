@@ -70,8 +70,10 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
-        if self.device.type == "cpu":
-            kernels.load()         # decode attention in C++ (built on first use; a torch fallback otherwise)
+        if self.device.type == "cpu" and kernels.load():    # C++ kernels, built on first use (model/kernels.py)
+            for module in model.modules():                     # decode-sized int8 matmuls on prepacked weights
+                if isinstance(module, QuantLinear) and module.qweight is not None and module.int8_handle is None:
+                    module.int8_handle = kernels.pack_int8(module.qweight)
         self.max_model_len = c.max_model_len or model.cfg.max_seq_len
         probe = BlockPool(model.cfg, 1, c.block_size, self.dtype, "meta")
         num_blocks = c.num_blocks or max(int(c.kv_cache_gb * 2**30 / (probe.bytes_per_token() * c.block_size)), 1)

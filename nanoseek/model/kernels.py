@@ -1,17 +1,21 @@
 """C++ kernels for the CPU, compiled on first use and loaded as torch ops (`torch.ops.nanoseek.*`).
 
-One kernel so far: decode attention (csrc/decode_attention.cpp). At 32 concurrent decodes of
-SmolLM2-135M it replaces two batched matmuls and a softmax that read the cached keys and values
-at ~2.5x the time DRAM needs for them: bf16 bmm with 3 query rows per kv head (GQA) is dominated
-by per-matrix overhead, and every row attends to the decode batch's full capacity. The kernel
-reads each visible key and value once for all the query heads that share it, skips masked keys,
-and keeps the softmax in float32 registers: 30 layers went from 14-16 ms to ~8.6 ms a step
-(B = 32, ~165 of 225 keys visible; docs/benchmarks.md).
+- decode attention (csrc/decode_attention.cpp). At 32 concurrent decodes of SmolLM2-135M it
+  replaces two batched matmuls and a softmax that read the cached keys and values at ~2.5x the
+  time DRAM needs for them: bf16 bmm with 3 query rows per kv head (GQA) is dominated by
+  per-matrix overhead, and every row attends to the decode batch's full capacity. The kernel
+  reads each visible key and value once for all the query heads that share it, skips masked
+  keys, and keeps the softmax in float32 registers: 30 layers went from 14.4 to 8.1 ms a step
+  (B = 32, ~165 of 224 keys visible; `nanoseek bench attention`, docs/benchmarks.md).
+- int8 linear on prepacked weights (csrc/int8_linear.cpp): the W8A8 matmul of model/quant.py,
+  the same integers, through oneDNN's u8 x s8 kernel on a weight reordered once into oneDNN's
+  blocked layout (`pack_int8`) instead of torch._int_mm on the plain (N, K) weight. Used for
+  decode rows up to quant.PACKED_ROWS, where it measured ~16% faster.
 
 Built with the C++ compiler torch.compile already needs (`c++`, or $CXX), against torch's headers,
-into ~/.cache/nanoseek/kernels (or $NANOSEEK_CACHE/kernels) under a hash of the source, torch's
-version and the CPU's flags; about 10 s the first time. Without a compiler, or with
-NANOSEEK_KERNELS=0, `load` returns False and attention keeps its torch path.
+into ~/.cache/nanoseek/kernels (or $NANOSEEK_CACHE/kernels) under a hash of the sources, torch's
+version and the CPU's flags; about 20 s the first time. Without a compiler, or with
+NANOSEEK_KERNELS=0, `load` returns False and the model keeps its torch paths.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 _state: dict[str, bool | str] = {}      # "loaded": bool, "error": why not
 
 
@@ -52,23 +56,24 @@ def compile_flags(defines: tuple[str, ...] = ()) -> list[str]:
 
 
 def build(defines: tuple[str, ...] = ()) -> Path:
-    """Compile SOURCE (once per source, torch version, CPU and defines) -> path of the shared library.
+    """Compile SOURCES into one library (once per source, torch version, CPU and defines) -> its path.
     Raises RuntimeError with the compiler's message when it fails."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = compile_flags(defines)
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, _cpu_flags(), compiler, *flags])
-                         .encode()).hexdigest()[:16]
-    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, torch.__version__, _cpu_flags(), compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"nanoseek_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:      # concurrent builds each rename whole
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True, check=False)
+        done = subprocess.run([compiler, *map(str, SOURCES), "-o", str(out), *flags], capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"compiling nanoseek's C++ kernels failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)
     return target
 
@@ -92,6 +97,10 @@ def load() -> bool:
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape[0], q.shape[1], v.shape[3])
 
+    @torch.library.register_fake("nanoseek::int8_linear")
+    def _(x, handle, w_scale):
+        return x.new_empty(x.shape[0], w_scale.shape[0])
+
     _state["loaded"] = True
     return True
 
@@ -103,6 +112,18 @@ def loaded() -> bool:
 def decode_attention(q, k, v, mask, scale: float):
     """q (B, H, 1, Dk) against k (Hkv, B, S, Dk), v (Hkv, B, S, Dv) under mask (B, 1, S) -> (B, H, 1, Dv)."""
     return torch.ops.nanoseek.decode_attention(q.squeeze(2), k, v, mask.squeeze(1), scale).unsqueeze(2)
+
+
+def pack_int8(weight: torch.Tensor) -> int | None:
+    """Reorder an int8 (N, K) weight into oneDNN's layout once; the handle `int8_linear` takes, or
+    None where the kernels or oneDNN's int8 matmul are unavailable."""
+    if not loaded():
+        return None
+    try:
+        return torch.ops.nanoseek.int8_pack(weight)
+    except RuntimeError as e:          # a torch build without oneDNN's quantized ops
+        log.warning("oneDNN int8 packing unavailable, int8 linears keep torch._int_mm: %s", e)
+        return None
 
 
 def decode_attention_applies(q, k, v) -> bool:

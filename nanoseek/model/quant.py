@@ -65,6 +65,12 @@ def quantize_rows_int8(x: torch.Tensor):
     return (xf * (127 / amax)).round_().to(torch.int8), amax / 127
 
 
+# rows up to which the prepacked oneDNN int8 matmul beats torch._int_mm on the same integers: with
+# weights from DRAM, 30 SmolLM2 layers took 8.8 / 14.8 ms against 10.3 / 17.6 at 9 / 32 rows, but
+# 279 against 265 ms at 1,024 (docs/benchmarks.md)
+PACKED_ROWS = 64
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as packed int4 groups or int8 rows; see the module docstring."""
 
@@ -73,6 +79,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.int8_above = bits, group_size, int8_above
+        self.int8_handle: int | None = None    # qweight reordered for oneDNN (kernels.pack_int8); set by the engine
 
     @classmethod
     @torch.no_grad()
@@ -118,6 +125,9 @@ class QuantLinear(nn.Module):
         if self.bits == 4 and (self.qweight is None or x2.shape[0] <= self.int8_above):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight4,
                                                           self.group_size, self.scales_and_zeros).to(x.dtype)
+        elif self.int8_handle is not None and (x.dim() == 2 or x.shape[-2] == 1) and x2.shape[0] <= PACKED_ROWS:
+            # decode rows (one token each), the same integers as below through prepacked weights
+            y = torch.ops.nanoseek.int8_linear(x2, self.int8_handle, self.scales)
         else:
             xq, x_scale = quantize_rows_int8(x2)
             # convert once, then same-dtype in-place scaling: int32 x float32 broadcasting takes
