@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (cls, _, help_text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=help_text), cls)
     bench = sub.add_parser("bench", help="benchmarks against peers, ratios from one run (bench/)")
-    bench.add_argument("which", help="engine or attention")
+    bench.add_argument("which", help="engine or kernels")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="flags of that benchmark")
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -6,7 +6,7 @@
   per-matrix overhead, and every row attends to the decode batch's full capacity. The kernel
   reads each visible key and value once for all the query heads that share it, skips masked
   keys, and keeps the softmax in float32 registers: 30 layers went from 14.4 to 8.1 ms a step
-  (B = 32, ~165 of 224 keys visible; `nanoseek bench attention`, docs/benchmarks.md).
+  (B = 32, ~165 of 224 keys visible; `nanoseek bench kernels`, docs/benchmarks.md).
 - int8 linear on prepacked weights (csrc/int8_linear.cpp): the W8A8 matmul of model/quant.py,
   the same integers, through oneDNN's u8 x s8 kernel on a weight reordered once into oneDNN's
   blocked layout (`pack_int8`) instead of torch._int_mm on the plain (N, K) weight. Used for

@@ -12,7 +12,10 @@ fewer bytes per weight is the speed-up. Two schemes, each on a CPU kernel PyTorc
   the weight, per token (row of x) for the activation, an exact int32 `torch._int_mm` (VNNI),
   then both scales. Measured on a 1536x576 layer with DRAM-streamed weights: 53 / 142 / 712 µs
   at 1 / 32 / 256 rows, against 253 / 276 / 1174 µs in bf16. Per-token scales and integer
-  accumulation make a row's result independent of the other rows in the batch.
+  accumulation make a row's result independent of the other rows in the batch. On CPU the engine
+  also reorders each int8 weight once for oneDNN (model/kernels.py): decode rows, up to
+  PACKED_ROWS of them, multiply the same integers through it (the two scales apply in another
+  order: a few bf16 results in a million differ from _int_mm's, by one bf16 step).
 
 `quantize_(model)` swaps the nn.Linear modules of the blocks (attention, MLPs, experts, shared
 experts, MTP blocks) in place, fusing projections that read the same input (GQA's q/k/v, the
