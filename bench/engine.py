@@ -68,7 +68,7 @@ class Workload:
     suffixes: list[list[int]]         # distinct questions (+ the assistant turn) after the prefix
     new_tokens: int
     concurrency: list[int]
-    repeats: int                      # TTFT / prefill / prefix measurements: the median of this many
+    repeats: int                      # every measurement is the median of this many runs
 
 
 def read_questions(path: Path = GSM8K) -> tuple[list[str], str]:
@@ -238,10 +238,13 @@ class LlamaCppRunner:
 # ---- measurements: each takes a runner (above) and the workload ---------------------------------
 
 def measure_throughput(runner, work: Workload) -> dict:
-    """Output tokens/s with N requests submitted at once, and their mean TTFT."""
+    """Output tokens/s with N requests submitted at once, and their mean TTFT: the run of median
+    wall time out of `repeats` (single runs of one system varied by 5-10% on a 2-core VM)."""
     out = {}
     for n in work.concurrency:
-        wall, ttfts = runner.generate(work.prompts[:n], work.new_tokens)
+        runs = sorted((runner.generate(work.prompts[:n], work.new_tokens) for _ in range(work.repeats)),
+                      key=lambda run: run[0])
+        wall, ttfts = runs[len(runs) // 2]
         out[f"tok_s@{n}"] = n * work.new_tokens / wall
         out[f"ttft_mean@{n}"] = statistics.mean(ttfts)
         if n == 1:  # the steady decode rate, without the prefill (what llama-bench's tg reports)
@@ -369,7 +372,8 @@ def render(results: dict, columns: dict, work: Workload, command: str, machine: 
         f"Command: `{command}`  ", f"Machine: {machine}  ",
         f"Workload: {len(work.prompts)} chat-templated questions (mean {mean_prompt:.0f} prompt tokens), greedy, "
         f"EOS ignored so every request makes exactly {work.new_tokens} tokens; all concurrent requests are "
-        f"submitted at once. Weight dtype in each column header. Ratios are nanoseek's speedup (tokens/s ÷ the "
+        f"submitted at once; each number is the median of {work.repeats} runs. Weight dtype in each column header. "
+        f"Ratios are nanoseek's speedup (tokens/s ÷ the "
         f"peer's, or the peer's latency ÷ nanoseek's): above 1× nanoseek is faster.", "",
         *lines, "", *goal_lines, "", *(f"- {note}" for note in notes)]) + "\n"
 
