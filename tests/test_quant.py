@@ -116,6 +116,18 @@ def test_decode_rows_take_the_prepacked_int8_matmul_with_the_same_integers(dtype
         torch.ops.nanoseek.int8_linear(decode[:, 0], 10**6, ql.scales)
 
 
+def test_pack_int8_gives_every_int8_layer_a_handle_once():
+    from nanoseek.model import kernels
+    from nanoseek.model.quant import pack_int8_
+    if not (kernels.load() and kernels.pack_int8(torch.ones(16, 16, dtype=torch.int8)) is not None):
+        pytest.skip(f"no prepacked int8 matmul here: {kernels._state.get('error')}")
+    model = Transformer(tiny_llama(n_layers=2)).eval()
+    n = quantize_(model, bits=8)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert pack_int8_(model) == n == len(layers) and all(m.int8_handle is not None for m in layers)
+    assert pack_int8_(model) == 0                            # already packed: nothing repacked
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bias_shapes_and_dtypes(bits):
     lin = _linear(bias=True)

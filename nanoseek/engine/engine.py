@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer, kernels
-from ..model.quant import QuantLinear
+from ..model.quant import QuantLinear, pack_int8_
 from .kv_cache import BlockPool, DecodeMirror, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
 from .scheduler import Scheduler, Sequence
@@ -71,9 +71,7 @@ class Engine:
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         if self.device.type == "cpu" and kernels.load():    # C++ kernels, built on first use (model/kernels.py)
-            for module in model.modules():                     # decode-sized int8 matmuls on prepacked weights
-                if isinstance(module, QuantLinear) and module.qweight is not None and module.int8_handle is None:
-                    module.int8_handle = kernels.pack_int8(module.qweight)
+            pack_int8_(model)                                  # decode-sized int8 matmuls on prepacked weights
         self.max_model_len = c.max_model_len or model.cfg.max_seq_len
         probe = BlockPool(model.cfg, 1, c.block_size, self.dtype, "meta")
         num_blocks = c.num_blocks or max(int(c.kv_cache_gb * 2**30 / (probe.bytes_per_token() * c.block_size)), 1)

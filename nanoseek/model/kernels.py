@@ -32,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
-_state: dict[str, bool | str] = {}      # "loaded": bool, "error": why not
+_state: dict[str, bool | str] = {}      # "loaded": bool, "error": why not, "no_int8_pack": why not
 
 
 def cache_dir() -> Path:
@@ -90,7 +90,7 @@ def load() -> bool:
         torch.ops.load_library(str(build()))
     except (RuntimeError, OSError) as e:
         _state["error"] = str(e)
-        log.warning("nanoseek C++ kernels unavailable, attention uses its torch path: %s", e)
+        log.warning("nanoseek C++ kernels unavailable, the model keeps its torch paths: %s", e)
         return False
 
     @torch.library.register_fake("nanoseek::decode_attention")
@@ -117,11 +117,12 @@ def decode_attention(q, k, v, mask, scale: float):
 def pack_int8(weight: torch.Tensor) -> int | None:
     """Reorder an int8 (N, K) weight into oneDNN's layout once; the handle `int8_linear` takes, or
     None where the kernels or oneDNN's int8 matmul are unavailable."""
-    if not loaded():
+    if not loaded() or "no_int8_pack" in _state:
         return None
     try:
         return torch.ops.nanoseek.int8_pack(weight)
-    except RuntimeError as e:          # a torch build without oneDNN's quantized ops
+    except RuntimeError as e:          # a torch build without oneDNN's quantized ops: say so once
+        _state["no_int8_pack"] = str(e)
         log.warning("oneDNN int8 packing unavailable, int8 linears keep torch._int_mm: %s", e)
         return None
 

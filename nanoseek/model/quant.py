@@ -206,3 +206,15 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int = 32, int8_above:
         if isinstance(quantized, QuantLinear):     # else a vocabulary the kernel refuses: the head stays dense
             model.head = quantized
     return sum(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def pack_int8_(model: nn.Module) -> int:
+    """Give every QuantLinear with int8 weights a oneDNN-prepacked copy (model/kernels.py), which
+    its forward uses for decode rows; returns how many were packed. Needs the kernels loaded."""
+    from . import kernels
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.qweight is not None and module.int8_handle is None:
+            module.int8_handle = kernels.pack_int8(module.qweight)
+            packed += module.int8_handle is not None
+    return packed
