@@ -13,7 +13,9 @@ import typing
 
 
 def arg(default, help: str, **kwargs):
-    """A dataclass field with a help string (shown by --help)."""
+    """A dataclass field with a help string (shown by --help); a list default is copied per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -26,12 +28,17 @@ def _flag_type(annotation):
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """A `list[X]` field is a repeatable flag (`--model a --model b`); its default stands when none is given."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kind, _ = _flag_type(hints[f.name])
+        kind, annotation = _flag_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        if f.metadata.get("positional"):
+        if typing.get_origin(annotation) is list:
+            # default None, not the list: argparse's append would extend the default in place
+            parser.add_argument(flag, action="append", type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=f"{help_text} (repeatable; default: {f.default_factory()})")
+        elif f.metadata.get("positional"):
             parser.add_argument(f.name, type=kind, help=help_text)
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -41,4 +48,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    unset_lists = [f.name for f in dataclasses.fields(cls)
+                   if values[f.name] is None and f.default_factory is not dataclasses.MISSING]
+    return cls(**{k: v for k, v in values.items() if k not in unset_lists})
