@@ -97,11 +97,27 @@ def test_reads_conversations_and_pairs(tmp_path):
         read_conversations(write(tmp_path / "t.txt", ["text"]))
 
 
-def test_builtin_corpus():
+def test_skipped_rows_are_counted_by_the_loader_with_one_warning_per_file(smollm2, tmp_path):
+    write(tmp_path / "a.jsonl", [{"text": "good"}, "{bad", {"text": ""}])
+    write(tmp_path / "b.jsonl", [{"text": 1}, {"text": "good too"}])
+    with pytest.warns(UserWarning) as caught:
+        loader = PretrainLoader(tmp_path, smollm2, batch_size=1, seq_len=4, skip_bad=True)
+    assert [str(w.message).split(": skipped ")[1][:1] for w in caught] == ["2", "1"]
+    assert loader.skipped == 3 and len(loader.documents) == 2
+    with pytest.raises(DataError, match="a.jsonl:2: not valid JSON"):
+        PretrainLoader(tmp_path, smollm2, batch_size=1, seq_len=4)
+
+
+def test_builtin_corpus(smollm2):
     pytest.importorskip("nanoseek.tasks.corpus")
     docs, _ = read_documents("builtin", builtin_size=5, seed=1)
     chats, _ = read_conversations("builtin", builtin_size=5, seed=1)
     assert len(docs) == 5 and len(chats) == 5 and all(text.strip() for _, text in docs)
+    batch = next(PretrainLoader("builtin", smollm2, batch_size=2, seq_len=32, builtin_size=20, shuffle=False))
+    assert (batch["labels"] != IGNORE_INDEX).all()
+    loader = SFTLoader("builtin", smollm2, batch_size=2, seq_len=256, builtin_size=20)
+    assert loader.skipped == loader.dropped == 0 and len(loader.examples) == 20
+    assert "</think>" in smollm2.decode([i for i in next(loader)["labels"].flatten().tolist() if i >= 0])
 
 
 # ---- pretraining: packing and the document-boundary rule -----------------------------------------
