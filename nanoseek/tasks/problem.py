@@ -50,13 +50,13 @@ def check_split(split: str) -> str:
 
 
 def sample_problems(make, split: str, n: int, seed: int, name: str, at_most: bool = False) -> list[Problem]:
-    """Draw n distinct problems of one split. make(rng) -> (key_parts, Problem-fields dict) or None.
+    """Draw n problems of one split. make(rng) -> (key_parts, Problem-fields dict), or None for a dead end.
 
     The rng is seeded from (name, split, seed), so the same call gives the same list. Problems
-    whose key lands in the other split are redrawn. When the split's problem space is smaller than
-    n, the train split repeats problems (an RL stream may); the test split raises instead, since a
-    held-out set with repeats would overstate its size, unless `at_most` (n was a default, not a
-    request): then it returns every distinct problem it found.
+    whose key lands in the other split are redrawn. The test split has no repeats: when its problem
+    space is smaller than n it raises (a held-out set with repeats would overstate its size), unless
+    `at_most` (n was a default, not a request): then it returns every distinct problem it found. The
+    train split is a stream and may repeat a problem, as an RL run revisits prompts.
     """
     rng = random.Random(f"{name}|{split}|{seed}")
     want_test = split == "test"
@@ -65,17 +65,14 @@ def sample_problems(make, split: str, n: int, seed: int, name: str, at_most: boo
         made = make(rng)
         if made is not None and held_out(*made[0]) != want_test:
             continue                                  # the other split's problem: draw again
-        if made is None or made[0] in seen:
+        if made is None or want_test and made[0] in seen:
             misses += 1
             if misses < 200 + 20 * n:
                 continue
             if want_test and at_most and seen:
                 break
-            if want_test or not seen:
-                raise TaskError(f"{name}: only {len(seen)} distinct {split} problems with these knobs; "
-                                f"ask for fewer (n={n}) or make them harder")
-            if made is None:
-                continue
+            raise TaskError(f"{name}: only {len(seen)} distinct {split} problems with these knobs; "
+                            f"ask for fewer (n={n}) or make them harder")
         key, fields = made
         seen.add(key)
         problems.append(Problem(id=f"{name}-{split}-{len(problems)}", **fields))
