@@ -4,6 +4,8 @@
     nanoseek chat --model smollm2-135m                 # interactive; --prompt for a single turn
     nanoseek convert model.gguf out_folder             # GGUF -> Hugging Face safetensors folder
     nanoseek convert fp8_folder out_folder --dtype bfloat16
+    nanoseek serve --model smollm2-135m --port 8000     # OpenAI/DeepSeek-compatible API + web chat at /
+    nanoseek eval --model smollm2-135m --data gsm8k_test.jsonl --samples 4   # R1's evaluation protocol
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .configs import add_config_args, arg, config_from_args
+from .server.config import ServeConfig
+from .eval import EvalConfig
+from .eval import main as eval_main
 
 
 @dataclass
@@ -143,10 +148,17 @@ def convert_main(cfg: ConvertConfig) -> None:
     print(f"wrote {cfg.output} ({model.num_params() / 1e6:.1f}M parameters, {cfg.dtype}{', fp8' if cfg.fp8 else ''})")
 
 
+def serve_main(cfg: ServeConfig) -> None:
+    from .server.main import serve    # FastAPI and uvicorn load only for this command
+    serve(cfg)
+
+
 COMMANDS = {
     "generate": (GenerateConfig, generate_main, "one-shot generation, streamed"),
     "chat": (GenerateConfig, chat_main, "terminal chat, streamed, reasoning shown apart"),
     "convert": (ConvertConfig, convert_main, "GGUF -> HF safetensors, FP8 <-> bf16/fp32"),
+    "serve": (ServeConfig, serve_main, "DeepSeek/OpenAI-compatible HTTP API and web chat page"),
+    "eval": (EvalConfig, eval_main, "R1's protocol (pass@1 over k samples, cons@k, pass@k) on a model or endpoint"),
 }
 
 
@@ -163,18 +175,35 @@ def bench_main(which: str, rest: list[str]) -> int:
     return 0
 
 
+def train_commands() -> dict:
+    """`nanoseek train STAGE`: each stage is a config dataclass and its main(cfg) (nanoseek/train/)."""
+    from .model.presets import TRAINING_PRESETS
+    from .train import pretrain, sft
+    presets = ", ".join(TRAINING_PRESETS)
+    return {
+        "pretrain": (pretrain.PretrainConfig, pretrain.main,
+                     f"pretraining with MTP and bias-balanced MoE; --model presets: {presets}"),
+        "sft": (sft.SFTConfig, sft.main, "supervised fine-tuning on chat examples (assistant tokens only)"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-R1, small and readable.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=help_text), cls)
+    stages = train_commands()
+    train = sub.add_parser("train", help="training stages: " + ", ".join(stages)).add_subparsers(
+        dest="stage", required=True)
+    for name, (cls, _, help_text) in stages.items():
+        add_config_args(train.add_parser(name, help=help_text, description=help_text), cls)
     bench = sub.add_parser("bench", help="benchmarks against peers, ratios from one run (bench/)")
-    bench.add_argument("which", help="engine or kernels")
+    bench.add_argument("which", help="engine, kernels or serve")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="flags of that benchmark")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench_main(args.which, args.rest)
-    cls, run, _ = COMMANDS[args.command]
+    cls, run, _ = stages[args.stage] if args.command == "train" else COMMANDS[args.command]
     try:
         run(config_from_args(cls, args))
     except (ValueError, OSError) as e:   # CheckpointError is a ValueError: one clear line, no traceback
