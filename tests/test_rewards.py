@@ -1,5 +1,6 @@
 """Rewards: the extraction table, the reward table, and 'a reward never raises, whatever the model writes'."""
 
+import signal
 import threading
 import time
 from fractions import Fraction
@@ -10,6 +11,7 @@ import pytest
 from nanoseek.rewards import (accuracy_reward, canonical_answer, check_countdown, combine_rewards, extract_answer,
                               format_reward, is_correct, last_boxed, length_penalty, parse_number,
                               repetition_penalty, strip_reasoning, tag_count_reward)
+from nanoseek.rewards.verify import VERIFY_TIMEOUT_S
 
 # ---- strip_reasoning ------------------------------------------------------------------------------
 
@@ -112,6 +114,10 @@ def test_canonical_answer():
     ("\\frac{1}{2", ("\\frac{1}{2}", "math", {}), False),     # unbalanced braces
     ("", ("5", "math", {}), False),
     ("204", ("204", "math", {}), True),
+    ("3^{2}", ("2", "math", {}), False),                    # math-verify's "no" is not overruled by the last number
+    ("2^{3}", ("8", "math", {}), True),
+    ("(1, 2)", ("(1,2)", "math", {}), True),
+    ("41 or 42", ("42", "math", {}), False),                 # hedging does not pay
     # countdown
     ("(25 - 5) * 5", ("100", "countdown", {"numbers": [5, 25, 5], "target": 100}), True),
     ("(25 - 5) * 5 = 100", ("100", "countdown", {"numbers": [5, 25, 5], "target": 100}), True),
@@ -145,6 +151,25 @@ def test_math_verify_in_a_thread():
     thread.start()
     thread.join(30)
     assert results == [True]
+
+
+def test_math_verify_deadline():
+    """SymPy can spend minutes on a power tower; one check is cut off after VERIFY_TIMEOUT_S and counts as wrong."""
+    start = time.perf_counter()
+    assert not is_correct("$9^{9^{9^{9}}}$", ("7", "math", {}))
+    assert time.perf_counter() - start < VERIFY_TIMEOUT_S + 2.0
+    assert is_correct("\\frac{4}{8}", ("\\frac{1}{2}", "math", {}))      # and the next check is unharmed
+
+
+def test_math_verify_leaves_an_outer_timer_alone():
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no interval timers on this platform")
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert is_correct("\\frac{3}{6}", ("\\frac{1}{2}", "math", {}))
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 90       # still running, not cancelled
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 # ---- the reward table ---------------------------------------------------------------------------

@@ -7,10 +7,11 @@
 Kinds (Problem.kind):
   "math"      plain numbers compare exactly as fractions ("1,080" = "1080.0", "0.5" = "1/2"); anything
               else goes to math-verify (Hugging Face's parser + SymPy equivalence: fractions, roots,
-              intervals, "x = 3" against "3"). Its calls are cached, inputs over MAX_VERIFY_CHARS are
-              judged wrong unread, and in the main thread each call is bounded by math-verify's own
-              SIGALRM timeout (other threads run it without one: signals work only in the main thread).
-              Any error or timeout inside math-verify counts as wrong.
+              intervals, "x = 3" against "3"). Its results are cached per (gold, answer), inputs over
+              MAX_VERIFY_CHARS are judged wrong unread, and in the main thread a whole check is cut
+              off after VERIFY_TIMEOUT_S by a SIGALRM timer (other threads, where signals cannot
+              reach, run it unbounded: the length cap is their guard). An error or a timeout inside
+              math-verify counts as wrong.
   "exact"     canonical strings must be equal (`extract.canonical_answer`: "42.0" = "42", case and
               spacing ignored). No symbolic equivalence.
   "countdown" the answer is an arithmetic expression over meta["numbers"], each used at most once, that
@@ -24,7 +25,10 @@ For a numeric gold in "math" and "exact", an answer that is not itself a number 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import logging
+import signal
 import threading
 from collections import Counter
 from fractions import Fraction
@@ -33,7 +37,7 @@ from .extract import canonical_answer, last_number, parse_number
 
 MAX_VERIFY_CHARS = 400      # longer answers are not worth a symbolic parse (and may hang SymPy)
 MAX_EXPRESSION_CHARS = 200  # a Countdown expression longer than this is not one
-VERIFY_TIMEOUT_S = 2        # math-verify's per-call alarm (whole seconds; main thread only)
+VERIFY_TIMEOUT_S = 1.5      # one deadline for a whole math-verify check (main thread only)
 KINDS = ("math", "exact", "countdown")
 
 
@@ -72,33 +76,75 @@ def is_correct(extracted: str | None, problem_like) -> bool:
         return False
 
 
+class _Deadline(BaseException):
+    """Raised by our timer inside math-verify; a BaseException so its `except Exception` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Interrupt the block after `seconds` (SIGALRM via setitimer: the main thread only, and only when no
+    other timer is running; otherwise the block runs unbounded and the input length cap is the guard)."""
+    usable = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer") \
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _math_verify(gold: str, extracted: str) -> bool:
     if canonical_answer(gold) == canonical_answer(extracted):
         return True
     if len(extracted) > MAX_VERIFY_CHARS or len(gold) > MAX_VERIFY_CHARS:
         return False
-    in_main = threading.current_thread() is threading.main_thread()
-    return _math_verify_cached(gold, extracted, VERIFY_TIMEOUT_S if in_main else None)
+    return _math_verify_cached(gold, extracted)
 
 
 @functools.lru_cache(maxsize=65536)
-def _math_verify_cached(gold: str, extracted: str, timeout: int | None) -> bool:
-    try:
-        from math_verify import parse, verify
-    except ImportError:         # without math-verify: only the exact and numeric rules above apply
+def _math_verify_cached(gold: str, extracted: str) -> bool:
+    """math-verify under one deadline for the whole check (its own per-call alarms are switched off:
+    they would add up, 2 parses plus one per pair of candidates, and cancel our timer)."""
+    loaded = _load_math_verify()
+    if loaded is None:          # without math-verify: only the exact and numeric rules above apply
         return _last_number_rule(gold, extracted)
+    parse, verify = loaded
+    if "$" not in extracted and "\\(" not in extracted and "\\[" not in extracted:
+        extracted = "$" + extracted + "$"   # read as math: bare "2^{3}" would parse as 2, "(1, 2)" as 2
     try:
-        gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
-        if "$" not in extracted and "\\" in extracted:
-            extracted = "$" + extracted + "$"       # bare LaTeX: math-verify looks inside math delimiters
-        pred_parsed = parse(extracted, parsing_timeout=timeout)
-        if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout):
-            return True
-    except BaseException as e:  # math-verify's TimeoutException is not an Exception subclass
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        with _deadline(VERIFY_TIMEOUT_S):
+            gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+            pred_parsed = parse(extracted, parsing_timeout=None)
+            if not (gold_parsed and pred_parsed):       # nothing it could read: fall back to the last number
+                return _last_number_rule(gold, extracted)
+            return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    except (_Deadline, Exception):
         return False
-    return _last_number_rule(gold, extracted)
+
+
+@functools.cache
+def _load_math_verify():
+    """(parse, verify), imported and warmed up once outside any deadline (the first LaTeX parse pays
+    for SymPy's lazy imports), or None when math-verify is not installed. Its warning that we turned
+    its own timeouts off is filtered out: our deadline replaces them."""
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
+    math_verify.verify(math_verify.parse("\\boxed{\\frac{1}{\\sqrt{2}}}", parsing_timeout=None),
+                       math_verify.parse("$0.5$", parsing_timeout=None), timeout_seconds=None)
+    return math_verify.parse, math_verify.verify
 
 
 def _last_number_rule(gold: str, extracted: str) -> bool:
