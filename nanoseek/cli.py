@@ -4,7 +4,6 @@
     nanoseek chat --model smollm2-135m                 # interactive; --prompt for a single turn
     nanoseek convert model.gguf out_folder             # GGUF -> Hugging Face safetensors folder
     nanoseek convert fp8_folder out_folder --dtype bfloat16
-    nanoseek eval --model smollm2-135m --data gsm8k_test.jsonl --samples 4   # R1's evaluation protocol
     nanoseek serve --model smollm2-135m --port 8000     # OpenAI/DeepSeek-compatible API + web chat at /
     nanoseek eval --model smollm2-135m --data gsm8k_test.jsonl --samples 4   # R1's evaluation protocol
 """
@@ -19,8 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from .configs import add_config_args, arg, config_from_args
-from .eval import EvalConfig
-from .eval import main as eval_main
 from .server.config import ServeConfig
 from .eval import EvalConfig
 from .eval import main as eval_main
@@ -160,7 +157,6 @@ COMMANDS = {
     "generate": (GenerateConfig, generate_main, "one-shot generation, streamed"),
     "chat": (GenerateConfig, chat_main, "terminal chat, streamed, reasoning shown apart"),
     "convert": (ConvertConfig, convert_main, "GGUF -> HF safetensors, FP8 <-> bf16/fp32"),
-    "eval": (EvalConfig, eval_main, "R1's protocol (pass@1 over k samples, cons@k, pass@k) on a model or endpoint"),
     "serve": (ServeConfig, serve_main, "DeepSeek/OpenAI-compatible HTTP API and web chat page"),
     "eval": (EvalConfig, eval_main, "R1's protocol (pass@1 over k samples, cons@k, pass@k) on a model or endpoint"),
 }
