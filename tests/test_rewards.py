@@ -186,6 +186,8 @@ REWARD_TABLE = [
     ("<think>7 + 5 = 12", 0.0, 0.0),                                         # cut off in thought
     ("<think>12</think> <answer>12</answer> <answer>12</answer>", 1.0, 0.0),  # two answers
     ("<think></think> <answer>12</answer>", 1.0, 0.0),                      # empty thinking
+    ("7 + 5 = 12</think> <answer>12</answer>", 1.0, 1.0),                   # the prompt ended in <think>
+    ("7 + 5 = 12</think> <answer>12</answer> more", 1.0, 0.0),              # text after the answer
     ("<think>x</think> <answer>\\boxed{12}</answer>", 1.0, 1.0),            # \boxed inside the answer
     ("<think>x</think> <answer>\\boxed{12</answer>", 1.0, 1.0),             # unbalanced \boxed: its last number
     ("<think>a</think> <answer>twelve</answer>", 0.0, 1.0),

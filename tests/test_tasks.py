@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.rewards import check_countdown, is_correct
+from nanoseek.rewards import check_countdown, extract_answer, is_correct
 from nanoseek.tasks import FORMATS, TASKS, Problem, TaskError, detect_format, held_out, load_task
 from nanoseek.tasks.arithmetic import computation_key
 
@@ -133,6 +133,7 @@ def test_loaders_on_shared_files(filename):
 def test_loader_details():
     gsm = load_task(str(DATA / "gsm8k_train.jsonl"))
     assert all("," not in p.answer for p in gsm)                          # "#### 1,080" -> "1080"
+    assert all(is_correct(extract_answer(p.meta["solution"]), p) for p in gsm)   # the reference solutions score
     assert any(p.meta["solution"].rstrip().endswith("#### 1,080") and p.answer == "1080" for p in gsm)
     svamp = load_task(str(DATA / "svamp.jsonl"), n=1)[0]
     assert svamp.prompt.startswith("There are 87 oranges") and svamp.prompt.endswith("How big is each group of bananas?")

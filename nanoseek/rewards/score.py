@@ -11,8 +11,10 @@ The rules (R1 §2.2.2 uses only rule-based rewards, no reward model, to avoid re
   accuracy_reward     1.0 when extract_answer(completion) is_correct for the row, else 0.0;
                       None when the row has no gold answer (the reward does not apply).
   format_reward       1.0 when the completion has R1-Zero's shape "<think>…</think> <answer>…</answer>"
-                      (template="r1_zero", the default) or, for a chat template that pre-fills
-                      "<think>", "[<think>]…</think> answer" (template="chat"); else 0.0.
+                      and nothing around it (template="r1_zero", the default; the leading "<think>" may
+                      be in the prompt instead), or the chat shape "[<think>]…</think> answer" of a
+                      template that pre-fills "<think>" (template="chat"); else 0.0. Both need
+                      non-empty reasoning and answer, each tag once.
   tag_count_reward    0.25 per R1-Zero tag that appears exactly once (open-r1's partial credit).
   length_penalty      DAPO's soft overlong punishment: 0 up to max_length - cache_length, falling
                       linearly to -1 at max_length (tokens from completion_ids when given, else characters).
@@ -58,6 +60,8 @@ def accuracy_reward(completions: list[str], answer=None, kind="math", meta=None,
 
 
 def _has_r1_zero_format(text: str) -> bool:
+    if THINK_START not in text and text.count(THINK_END) == 1:
+        text = THINK_START + text   # the prompt ended in "<think>" (TinyZero's, nano-aha-moment's templates)
     if not all(text.count(tag) == 1 for tag in (THINK_START, THINK_END, ANSWER_START, ANSWER_END)):
         return False            # counted first: the regex then has one way to match, so it runs in linear time
     match = _R1_ZERO.fullmatch(text)
