@@ -20,8 +20,10 @@ The rules (R1 §2.2.2 uses only rule-based rewards, no reward model, to avoid re
                       linearly to -1 at max_length (tokens from completion_ids when given, else characters).
   repetition_penalty  max_penalty × the fraction of repeated word n-grams (open-r1's rule).
 None means "not applicable": combine_rewards adds it as 0 and keeps the None in its per-reward lists.
-A reward never raises: whatever goes wrong scoring one completion gives that completion 0.0 (None for
-accuracy with no gold), and a reward function that fails as a whole gives None for every completion.
+A reward never raises, whatever the model wrote: whatever goes wrong scoring one completion gives that
+completion 0.0 (None for accuracy with no gold), and inside combine_rewards a reward function that
+fails as a whole gives None for every completion, with a warning. A column whose length differs from
+the completions' is the caller's bug and raises ValueError (outside combine_rewards).
 """
 
 from __future__ import annotations
