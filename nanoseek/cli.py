@@ -178,12 +178,14 @@ def bench_main(which: str, rest: list[str]) -> int:
 def train_commands() -> dict:
     """`nanoseek train STAGE`: each stage is a config dataclass and its main(cfg) (nanoseek/train/)."""
     from .model.presets import TRAINING_PRESETS
-    from .train import pretrain, sft
+    from .train import grpo, pretrain, sft
     presets = ", ".join(TRAINING_PRESETS)
     return {
         "pretrain": (pretrain.PretrainConfig, pretrain.main,
                      f"pretraining with MTP and bias-balanced MoE; --model presets: {presets}"),
         "sft": (sft.SFTConfig, sft.main, "supervised fine-tuning on chat examples (assistant tokens only)"),
+        "grpo": (grpo.GRPOConfig, grpo.main, "GRPO reinforcement learning with verifiable rewards (R1-Zero); "
+                 f"presets: {', '.join(grpo.PRESETS)}"),
     }
 
 

@@ -112,28 +112,36 @@ def start(cfg: TrainConfig) -> Session:
 class LossModel(nn.Module):
     """The Transformer plus its training losses in one forward, so DDP sees every parameter's use.
 
-    forward(input_ids, labels, counts) -> (loss to backpropagate, detached stats). `counts` holds the
-    step's labelled-token totals (main, then each MTP depth) over all micro-batches and ranks.
+    The contract every stage's loss module keeps (GRPO's is in train/grpo.py):
+    forward(batch, counts, world_size, micro_batches) -> (loss to backpropagate, stats), where
+    `counts` are the step's labelled-token totals over all micro-batches and ranks (token_counts),
+    and stats = {"metrics": {name: scalar tensor or list of them, already divided by the global
+    counts, so summing over micro-batches and ranks gives the step's mean}, "routing": [Routing]}.
     """
 
     def __init__(self, model: nn.Module, mtp_weight: float, balance_weight: float):
         super().__init__()
         self.model, self.mtp_weight, self.balance_weight = model, mtp_weight, balance_weight
 
-    def forward(self, input_ids, labels, counts: list[int], world_size: int = 1, micro_batches: int = 1):
+    @property
+    def n_mtp(self) -> int:
+        return len(self.model.mtp) if self.mtp_weight > 0 else 0
+
+    def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
+        input_ids, labels = batch["input_ids"], batch["labels"]
         routing: list[Routing] = []
         hidden = self.model.hidden_states(input_ids, routing=routing)
         ce_sum, _ = cross_entropy_sum(self.model.logits(hidden), labels)
-        loss = ce_sum / max(counts[0], 1)
-        depth_sums = []
-        if self.mtp_weight > 0 and len(self.model.mtp):
+        ce = ce_sum / max(counts[0], 1)
+        loss, metrics = ce, {"loss": ce.detach()}
+        if self.n_mtp:
             depth_sums = mtp_loss_sums(self.model.mtp_logits(input_ids, hidden, routing=routing), labels)
-            D = len(depth_sums)
-            loss = loss + self.mtp_weight / D * sum(s / max(n, 1) for s, n in zip(depth_sums, counts[1:]))
+            depths = [s / max(n, 1) for s, n in zip(depth_sums, counts[1:])]
+            loss = loss + self.mtp_weight / len(depths) * sum(depths)
+            metrics["mtp_loss"] = [d.detach() for d in depths]
         # the balance loss is a mean per micro-batch: average it over the step's micro-batches and ranks
         loss = loss + balance_loss(routing, self.balance_weight).to(loss.device) / (micro_batches * world_size)
-        stats = {"ce_sum": ce_sum.detach(), "depth_sums": [s.detach() for s in depth_sums], "routing": routing}
-        return loss * world_size, stats      # DDP averages gradients over ranks; sums are what we want
+        return loss * world_size, {"metrics": metrics, "routing": routing}  # DDP averages over ranks
 
 
 @dataclass
@@ -145,17 +153,17 @@ class TrainState:
     step: int = 0                        # optimiser steps taken (skipped ones included)
     skipped_steps: int = 0
     tokens_seen: int = 0
-    loss_model: nn.Module | None = field(default=None, repr=False)   # LossModel, DDP-wrapped under torchrun
+    loss_model: nn.Module | None = field(default=None, repr=False)   # default LossModel; DDP-wrapped under torchrun
 
     def __post_init__(self):
-        if self.loss_model is None:
-            inner = LossModel(self.model, self.cfg.mtp_weight, self.cfg.balance_loss_weight)
-            if self.session.distributed:
-                ids = [self.session.device.index] if self.session.device.type == "cuda" else None
-                # routed experts that get no token this step have no gradient: DDP must look for them
-                inner = nn.parallel.DistributedDataParallel(inner, device_ids=ids,
-                                                            find_unused_parameters=self.model.cfg.is_moe)
-            self.loss_model = inner
+        inner = self.loss_model or LossModel(self.model, self.cfg.mtp_weight, self.cfg.balance_loss_weight)
+        self.loss_module = inner
+        if self.session.distributed:
+            ids = [self.session.device.index] if self.session.device.type == "cuda" else None
+            # routed experts that get no token this step have no gradient: DDP must look for them
+            inner = nn.parallel.DistributedDataParallel(inner, device_ids=ids,
+                                                        find_unused_parameters=self.model.cfg.is_moe)
+        self.loss_model = inner
 
 
 def moe_gates(model: nn.Module) -> list:
@@ -180,41 +188,65 @@ def token_counts(batches: list[dict], n_mtp: int, session: Session) -> list[int]
     return _all_reduce(counts.to(session.device), session).tolist()
 
 
-def train_step(state: TrainState, batches: list[dict]) -> dict:
-    """One optimiser step over `batches` (micro-batches of {"input_ids", "labels"}); returns its metrics."""
-    cfg, session, model = state.cfg, state.session, state.model
-    started = time.perf_counter()
-    lr = lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    set_lr(state.optimizer, lr)
-    n_mtp = len(model.mtp) if cfg.mtp_weight > 0 else 0
-    counts = token_counts(batches, n_mtp, session)
-    gates = moe_gates(model)
-    loads = torch.zeros(len(gates), model.cfg.n_routed_experts or 1, device=session.device)
-    sums = torch.zeros(2 + n_mtp, device=session.device)          # total loss, ce, mtp depths
-    model.train()
+def _flatten(metrics: dict) -> tuple[list[str], list[torch.Tensor]]:
+    names, values = [], []
+    for name, value in metrics.items():
+        for k, v in enumerate(value if isinstance(value, list) else [value]):
+            names.append(f"{name}.{k}" if isinstance(value, list) else name)
+            values.append(v.float().reshape(()))
+    return names, values
+
+
+def _unflatten(names: list[str], values: list[float]) -> dict:
+    out: dict = {}
+    for name, value in zip(names, values):
+        base, _, index = name.partition(".")
+        if index:
+            out.setdefault(base, []).append(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _accumulate(state: TrainState, batches: list[dict], counts: list[int], loads: torch.Tensor) -> dict:
+    """Forward + backward of every micro-batch; returns the summed metrics (over micro-batches and ranks)."""
+    session, gates = state.session, moe_gates(state.model)
+    totals, names = None, None
     for i, batch in enumerate(batches):
-        ids, labels = batch["input_ids"].to(session.device), batch["labels"].to(session.device)
+        batch = {k: v.to(session.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         last = i == len(batches) - 1
         sync = nullcontext() if last or not session.distributed else state.loss_model.no_sync()
         amp = torch.autocast(session.device.type, dtype=session.autocast) if session.autocast else nullcontext()
         with sync:
             with amp:
-                loss, stats = state.loss_model(ids, labels, counts, session.world_size, len(batches))
+                loss, stats = state.loss_model(batch, counts, session.world_size, len(batches))
             loss.backward()
-        sums[0] += loss.detach().float() / session.world_size
-        sums[1] += stats["ce_sum"].float()
-        for k, s in enumerate(stats["depth_sums"]):
-            sums[2 + k] += s.float()
+        names, values = _flatten({"objective": loss.detach() / session.world_size, **stats["metrics"]})
+        totals = torch.stack(values) if totals is None else totals + torch.stack(values)
         routed = stats["routing"]
         if gates and len(routed) != len(gates):
             raise RuntimeError(f"{len(routed)} routings for {len(gates)} MoE gates: the forward skipped a layer")
         for g, r in enumerate(routed):
             loads[g] += expert_load(r, loads.shape[1]).to(loads.device)
-    _all_reduce(sums, session)
+    _all_reduce(totals, session)
     _all_reduce(loads, session)
+    return _unflatten(names, totals.tolist())
+
+
+def train_step(state: TrainState, batches: list[dict]) -> dict:
+    """One optimiser step over `batches` (micro-batches of {"input_ids", "labels", ...}); returns its metrics."""
+    cfg, session, model = state.cfg, state.session, state.model
+    started = time.perf_counter()
+    lr = lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    set_lr(state.optimizer, lr)
+    counts = token_counts(batches, getattr(state.loss_module, "n_mtp", 0), session)
+    gates = moe_gates(model)
+    loads = torch.zeros(len(gates), model.cfg.n_routed_experts or 1, device=session.device)
+    model.train()
+    sums = _accumulate(state, batches, counts, loads)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    finite = bool(torch.isfinite(sums[0])) and bool(torch.isfinite(norm))
+    finite = math.isfinite(sums["objective"]) and bool(torch.isfinite(norm))
     if finite:
         state.optimizer.step()
         if cfg.bias_update_speed > 0:
@@ -228,11 +260,9 @@ def train_step(state: TrainState, batches: list[dict]) -> dict:
     tokens = sum(int(b["input_ids"].numel()) for b in batches) * session.world_size
     state.tokens_seen += tokens
     seconds = time.perf_counter() - started
-    metrics = {"step": state.step, "loss": sums[1].item() / max(counts[0], 1), "lr": lr,
-               "grad_norm": float(norm), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-               "step_seconds": seconds, "skipped_steps": state.skipped_steps, "finite": finite}
-    if n_mtp:
-        metrics["mtp_loss"] = [sums[2 + k].item() / max(counts[1 + k], 1) for k in range(n_mtp)]
+    metrics = {"step": state.step, **sums, "lr": lr, "grad_norm": float(norm), "tokens": tokens,
+               "tokens_per_s": tokens / max(seconds, 1e-9), "step_seconds": seconds,
+               "skipped_steps": state.skipped_steps, "finite": finite}
     if gates:
         mean = loads.mean(dim=1).clamp_min(1e-9)
         metrics["expert_load_max_over_mean"] = (loads.max(dim=1).values / mean).tolist()

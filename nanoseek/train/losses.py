@@ -75,3 +75,105 @@ def balance_loss(routings: list[Routing], alpha: float) -> torch.Tensor:
     if not routings or alpha == 0:
         return torch.zeros(())
     return torch.stack([sequence_balance_loss(r, alpha) for r in routings]).sum()
+
+
+# ---- GRPO (DeepSeekMath §4.1, R1 eq. 1-3) ------------------------------------------------------------
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log π(target_t | context_<t) per position: logits (B, T, V), targets (B, T) -> (B, T) float32.
+
+    Masked targets (IGNORE) get log-prob 0; they are masked again by the caller's loss mask.
+    Computed as logit[target] - logsumexp(logits), which never materialises log_softmax's (B, T, V).
+    """
+    logits = logits.float()
+    safe = targets.clamp_min(0)
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).masked_fill(targets == IGNORE, 0.0)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the model's next-token distribution per position: (B, T, V) -> (B, T) float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """GRPO's outcome advantages (R1 eq. 3): A_i = (r_i - mean(r)) / std(r) within each group.
+
+    rewards (P, G): P prompts, G samples each -> (P, G). std is the sample standard deviation (as
+    TRL's), plus `eps`, so a group whose rewards are all equal gets zeros, never NaN: it carries no
+    signal. scale=False gives Dr. GRPO's unscaled r - mean (no difficulty bias from the std).
+    Example: rewards [[1, 0, 0, 1]] -> mean 0.5, std 0.577 -> [[0.866, -0.866, -0.866, 0.866]].
+    """
+    if rewards.shape[-1] < 2:
+        raise ValueError("group advantages need at least 2 samples per prompt (group_size >= 2)")
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    return centred / (rewards.std(dim=-1, keepdim=True) + eps) if scale else centred
+
+
+def signal_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """Which groups carry a learning signal (not every reward equal): (P, G) -> (P,) bool.
+
+    DAPO's dynamic sampling drops the others: with β = 0 their advantages are all zero, so training
+    on them costs a forward and backward and teaches nothing.
+    """
+    return (rewards.max(dim=-1).values - rewards.min(dim=-1).values) > 0
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π_θ || π_ref) by Schulman's k3 estimator (R1 eq. 2): exp(d) - d - 1, d = ref - logp.
+
+    Unbiased and never negative. Example: logp = log 0.5, ref = log 0.25 -> 0.5 - log 0.5 - 1 = 0.193.
+    """
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss_sums(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
+                   beta: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The clipped GRPO objective per token, summed over the masked completion tokens.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,), one per completion.
+    Per token: ρ = π_θ / π_old = exp(logp - old), loss_t = -min(ρ·A, clip(ρ, 1-ε, 1+ε_high)·A)
+    + β·KL_k3(π_θ || π_ref). Returned sums are divided by the caller by the number of completion
+    tokens of the whole step (token-level normalisation, DAPO §3.3): every token weighs the same,
+    so long answers are not averaged down as the per-sequence 1/|o_i| of R1 eq. 1 would.
+    Worked example: ρ = 1.5, A = 1, ε = 0.2 -> min(1.5, 1.2) = 1.2, loss -1.2, the token counts as
+    clipped; ρ = 1.5, A = -1 -> min(-1.5, -1.2) = -1.5, loss 1.5 (clipping never hides a worsening).
+    Returns {"loss", "policy", "kl", "clipped"} sums (kl is 0 when beta == 0).
+    """
+    high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    A = advantages.unsqueeze(-1).to(logprobs.dtype)
+    unclipped, clipped = ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + high) * A
+    policy = -torch.minimum(unclipped, clipped)
+    was_clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + high) & (A > 0))
+    kl = k3_kl(logprobs, ref_logprobs) if beta > 0 and ref_logprobs is not None else torch.zeros_like(policy)
+    per_token = policy + beta * kl
+    return {"loss": (per_token * mask).sum(), "policy": (policy * mask).sum(), "kl": (kl * mask).sum().detach(),
+            "clipped": (was_clipped.to(mask.dtype) * mask).sum().detach()}
+
+
+# ---- distillation (R1 §2.4 distils by SFT alone; logit KD is the optional extra) -------------------
+
+def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) of the next-token distributions at the labelled positions.
+
+    Per position t with labels[:, t] != IGNORE: Σ_v p_T(v) (log p_T(v) - log p_S(v)), p = softmax of
+    the logits (B, T, V) in float32; the teacher's side carries no gradient. Forward KL is Hinton's
+    soft-target loss: the student is pulled toward every token the teacher finds likely, not only
+    the sampled one. Returns (sum, count) like `cross_entropy_sum`, so the loop divides by the step's
+    labelled-token total. Example: teacher logits [0, 0], student [log 3, 0] -> p_T = (1/2, 1/2),
+    p_S = (3/4, 1/4): KL = 1/2 log(2/3) + 1/2 log 2 = 1/2 log(4/3) = 0.1438.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: distillation by logits needs one vocabulary")
+    keep = labels != IGNORE                                    # (B, T): only the assistant's tokens
+    student = torch.log_softmax(student_logits[keep].float(), dim=-1)            # (N, V)
+    teacher = torch.log_softmax(teacher_logits[keep].detach().float(), dim=-1)   # (N, V)
+    kl = (teacher.exp() * (teacher - student)).sum()
+    return kl, int(keep.sum())

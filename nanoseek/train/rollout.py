@@ -1,0 +1,123 @@
+"""GRPO rollouts on nanoseek's own engine: prompts, G samples each, rewards, training rows.
+
+The engine runs the very `Transformer` being trained (its weights shared in memory, no copy): each
+problem becomes one request with `SamplingParams(n=G)`, so the G samples share the prompt's KV
+blocks, and the engine drops its prefix cache by itself when the weights change (engine.py checks
+the parameters' version counters every step).
+
+Templates (`--template`):
+    r1_zero   DeepSeek-R1-Zero's plain prompt (R1 Table 1): reasoning in <think></think>, the answer
+              in <answer></answer>; the completion is scored by the r1_zero format reward.
+    chat      the model's own chat template with the question as the user turn and a one-line
+              instruction; the answer follows the reasoning (format reward "chat" when it thinks).
+
+    groups = rollout(llm, problems, template="chat", group_size=8, params=SamplingParams(...))
+    rewards, per_reward = score(groups, reward_fns)
+    batches = training_rows(groups, advantages, micro_batch_size=8, pad_id=tok.pad_token_id or 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.sampling import SamplingParams
+from ..rewards import combine_rewards
+from .losses import IGNORE
+
+R1_ZERO_PROMPT = (
+    "A conversation between User and Assistant. The User asks a question and the Assistant solves it: "
+    "it first reasons about the problem privately, then gives the answer. The reasoning is written "
+    "inside <think> </think> tags and the answer inside <answer> </answer> tags, like this: "
+    "<think> reasoning here </think> <answer> answer here </answer>.\nUser: {question}\nAssistant: <think>"
+)
+CHAT_INSTRUCTION = "{question}\nGive the final answer as a number on the last line."
+TEMPLATES = ("r1_zero", "chat")
+
+
+@dataclass
+class Group:
+    """One problem's G completions."""
+    problem: object                                  # tasks.Problem
+    prompt_ids: list[int]
+    completions: list[str] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+def prompt_ids(tokenizer, question: str, template: str) -> list[int]:
+    """The token ids a problem is asked with, under `template` (see the module docstring)."""
+    if template == "r1_zero":
+        return tokenizer.encode(R1_ZERO_PROMPT.format(question=question), add_special_tokens=True)
+    if template == "chat":
+        messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(question=question)}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
+
+
+def completion_text(text: str, template: str) -> str:
+    """What the rewards read: the r1_zero prompt already opened <think>, so put it back in front."""
+    return "<think>" + text if template == "r1_zero" else text
+
+
+def rollout(llm, problems, template: str, group_size: int, params: SamplingParams, seed: int) -> list[Group]:
+    """Draw `group_size` samples per problem through the engine, all problems batched at once.
+
+    Each request carries its own seed (seed + its index × group_size, the i-th sample seed + i), so a
+    rollout depends only on the weights and `seed`, never on what else shares the batch: that is what
+    makes a resumed run replay the same rollouts.
+    """
+    groups = [Group(p, prompt_ids(llm.tokenizer, p.prompt, template)) for p in problems]
+    requests = [{"prompt_token_ids": g.prompt_ids} for g in groups]
+    per_request = [SamplingParams(**{**vars(params), "n": group_size, "seed": seed + i * group_size})
+                   for i in range(len(groups))]
+    for group, out in zip(groups, llm.generate(requests, per_request)):
+        for sample in out.outputs:
+            group.completions.append(completion_text(sample.text, template))
+            group.completion_ids.append(list(sample.token_ids))
+            group.finish_reasons.append(sample.finish_reason)
+    return groups
+
+
+def score(groups: list[Group], reward_fns) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards (P, G) and each reward's scores (P, G) (None -> 0), via rewards.combine_rewards."""
+    totals, per_reward = [], {}
+    for g in groups:
+        p = g.problem
+        total, parts = combine_rewards(reward_fns, g.completions, answer=p.answer, kind=p.kind, meta=p.meta,
+                                       completion_ids=g.completion_ids)
+        totals.append(total)
+        for name, scores in parts.items():
+            per_reward.setdefault(name, []).append([0.0 if s is None else s for s in scores])
+    return torch.tensor(totals), {k: torch.tensor(v) for k, v in per_reward.items()}
+
+
+def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_size: int,
+                  pad_id: int) -> list[dict]:
+    """Prompt + completion sequences as micro-batches {"input_ids", "labels", "advantages"}.
+
+    labels are the completion tokens only (prompt and padding IGNORE), shifted so labels[:, t] is
+    the token after input_ids[:, t]; advantages (B,) is each completion's A_i, the same for all its
+    tokens. Rows are sorted by length before batching so padding stays small; the order is fixed
+    by the data, so a replayed step batches identically.
+    """
+    rows = []
+    for group, adv in zip(groups, advantages):
+        for ids, a in zip(group.completion_ids, adv.tolist()):
+            if ids:
+                rows.append((group.prompt_ids, ids, a))
+    rows.sort(key=lambda r: len(r[0]) + len(r[1]))
+    batches = []
+    for start in range(0, len(rows), micro_batch_size):
+        chunk = rows[start:start + micro_batch_size]
+        T = max(len(p) + len(c) for p, c, _ in chunk) - 1
+        input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
+        for b, (p, c, _) in enumerate(chunk):
+            seq = torch.tensor(p + c)
+            input_ids[b, :len(seq) - 1] = seq[:-1]
+            labels[b, len(p) - 1:len(seq) - 1] = seq[len(p):]
+        batches.append({"input_ids": input_ids, "labels": labels,
+                        "advantages": torch.tensor([a for _, _, a in chunk], dtype=torch.float32)})
+    return batches
