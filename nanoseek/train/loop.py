@@ -127,13 +127,18 @@ class LossModel(nn.Module):
     def n_mtp(self) -> int:
         return len(self.model.mtp) if self.mtp_weight > 0 else 0
 
+    def token_loss(self, batch: dict, logits: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, dict]:
+        """The loss on the next-token logits (B, T, V), and its metrics: the mean cross-entropy over the
+        step's labelled tokens. A stage adds its own terms here (distill.py: the teacher's KL)."""
+        ce_sum, _ = cross_entropy_sum(logits, batch["labels"])
+        ce = ce_sum / max(counts[0], 1)
+        return ce, {"loss": ce.detach()}
+
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
         input_ids, labels = batch["input_ids"], batch["labels"]
         routing: list[Routing] = []
         hidden = self.model.hidden_states(input_ids, routing=routing)
-        ce_sum, _ = cross_entropy_sum(self.model.logits(hidden), labels)
-        ce = ce_sum / max(counts[0], 1)
-        loss, metrics = ce, {"loss": ce.detach()}
+        loss, metrics = self.token_loss(batch, self.model.logits(hidden), counts)
         if self.n_mtp:
             depth_sums = mtp_loss_sums(self.model.mtp_logits(input_ids, hidden, routing=routing), labels)
             depths = [s / max(n, 1) for s, n in zip(depth_sums, counts[1:])]

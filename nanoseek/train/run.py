@@ -48,11 +48,14 @@ def _barrier(session: Session) -> None:
 
 
 def fit(cfg: TrainConfig, session: Session, model, tokenizer, loader, stage: str,
-        resume_from: Path | None = None, extra_state: dict | None = None) -> TrainState:
-    """Train until `cfg.steps`, checkpointing every `save_every` steps and at the end."""
+        resume_from: Path | None = None, extra_state: dict | None = None, loss_model=None) -> TrainState:
+    """Train until `cfg.steps`, checkpointing every `save_every` steps and at the end.
+
+    `loss_model`: a loop.LossModel subclass holding `model` (distillation's adds the teacher's KL);
+    the default is the plain LossModel."""
     model.to(session.device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    state = TrainState(model, optimizer, cfg, session)
+    state = TrainState(model, optimizer, cfg, session, loss_model=loss_model)
     log = MetricsLog(cfg.out, enabled=session.main)
     if resume_from is not None:
         saved, opt_tensors, rng_tensors = read_training_state(resume_from)
