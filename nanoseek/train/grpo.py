@@ -284,7 +284,7 @@ def grpo_step(run: dict, problems, step: int) -> dict:
 def main(cfg: GRPOConfig) -> None:
     from ..checkpoint import load
     from ..engine.llm import LLM
-    from .run import resume_point
+    from .run import replica_checksums, resume_point
     cfg = apply_preset(cfg)
     if cfg.group_size < 2:
         raise ValueError("group_size must be >= 2: GRPO's baseline is the group mean")
@@ -331,10 +331,11 @@ def main(cfg: GRPOConfig) -> None:
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         **({"eval": f"{metrics['eval_accuracy']:.2f}"} if "eval_accuracy" in metrics else {}))
         if step % cfg.save_every == 0 or step == cfg.steps:
+            replicas = replica_checksums(model, session)        # every rank takes part
             if session.main:
                 body = {"stage": "grpo", "world_size": session.world_size, "cursor": cursor.state_dict(),
                         "optimizer_steps": state.step, "skipped_steps": state.skipped_steps,
-                        "config": dataclasses.asdict(cfg)}
+                        "config": dataclasses.asdict(cfg), "replica_checksums": replicas}
                 save_checkpoint(cfg.out, step, model, state.optimizer, tokenizer, body, keep=cfg.keep_last)
             if session.distributed:
                 import torch.distributed as dist

@@ -1,0 +1,160 @@
+"""GRPO: hand-computed advantages, clipped loss and k3 KL; ratio 1 on the first update; a tiny
+model learns an easy task; resume replays bit for bit; two torchrun processes stay identical."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.model import Transformer
+from nanoseek.model.presets import tiny_llama
+from nanoseek.train.bpe import padded_vocab, train_bpe
+from nanoseek.train.grpo import GRPOConfig, GRPOLoss, PromptCursor, apply_preset, main, parse_knobs, sequence_logprobs
+from nanoseek.train.losses import IGNORE, group_advantages, grpo_loss_sums, k3_kl, signal_groups, token_logprobs
+from nanoseek.train.rollout import Group, training_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_group_advantages_by_hand_and_zero_variance_gives_zeros():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]))
+    s = math.sqrt(1 / 3)                                        # sample std of [1, 0, 0, 1]
+    expected = 0.5 / (s + 1e-4)
+    assert torch.allclose(adv[0], torch.tensor([expected, -expected, -expected, expected]))
+    assert torch.equal(adv[1], torch.zeros(4)) and not adv.isnan().any()
+    assert signal_groups(torch.tensor([[1.0, 0.0], [1.0, 1.0]])).tolist() == [True, False]
+    assert torch.equal(group_advantages(torch.tensor([[2.0, 0.0]]), scale=False), torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.tensor([[1.0]]))
+
+
+def test_clipped_loss_with_token_level_sums_by_hand():
+    # two completions: 2 tokens with A = +1 (ratios 1.5 and 1.0), 1 token with A = -1 (ratio 1.5)
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 1.0], [1.5, 1.0]]))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    sums = grpo_loss_sums(logp, old, torch.tensor([1.0, -1.0]), mask, epsilon=0.2)
+    # -min(1.5, 1.2) - min(1.0, 1.0) - min(-1.5, -1.2) = -1.2 - 1.0 + 1.5
+    assert math.isclose(sums["loss"].item(), -0.7, abs_tol=1e-6)
+    assert sums["clipped"].item() == 1.0                         # only the A>0, ρ>1.2 token is clipped
+    high = grpo_loss_sums(logp, old, torch.tensor([1.0, -1.0]), mask, epsilon=0.2, epsilon_high=0.6)
+    assert math.isclose(high["loss"].item(), -1.5 - 1.0 + 1.5, abs_tol=1e-6)
+
+
+def test_k3_kl_by_hand_and_in_the_loss():
+    logp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    assert math.isclose(k3_kl(logp, ref).item(), 0.5 - math.log(0.5) - 1, rel_tol=1e-6)
+    assert k3_kl(ref, ref).item() == 0.0
+    sums = grpo_loss_sums(logp.view(1, 1), logp.view(1, 1), torch.tensor([0.0]), torch.ones(1, 1), beta=0.1,
+                          ref_logprobs=ref.view(1, 1))
+    assert math.isclose(sums["loss"].item(), 0.1 * (0.5 - math.log(0.5) - 1), rel_tol=1e-5)
+
+
+def _tiny(tmp_path) -> tuple[Path, Path]:
+    """A tiny random Llama with a BPE tokenizer and chat template, and a task whose answer is always 7."""
+    texts = [f"What is {a} plus {b}? The answer is {a + b}." for a in range(30) for b in range(30)]
+    tok = train_bpe(texts, 300)
+    torch.manual_seed(0)
+    cfg = tiny_llama(vocab_size=padded_vocab(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    Transformer(cfg).save_pretrained(tmp_path / "model", tokenizer=tok)
+    task = tmp_path / "seven.jsonl"
+    task.write_text("".join(json.dumps({"question": f"Say seven, case {i}", "target": 7}) + "\n" for i in range(120)))
+    return tmp_path / "model", task
+
+
+def _config(model, task, out, **overrides) -> GRPOConfig:
+    base = dict(model=str(model), task=str(task), out=str(out), steps=10, group_size=8, prompts_per_step=8,
+                max_new_tokens=6, temperature=1.0, lr=1e-2, eval_size=16, eval_every=0, save_every=2,
+                keep_last=10, dtype="float32")
+    return GRPOConfig(**{**base, **overrides})
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("grpo"))
+
+
+def test_importance_ratio_is_exactly_one_on_the_first_update(tiny):
+    from nanoseek.checkpoint import load_model
+    model = load_model(tiny[0]).train()
+    g = Group(None, [1, 5, 9], completion_ids=[[20, 21, 1], [22, 1]])
+    batches = training_rows([g], torch.tensor([[1.0, -1.0]]), micro_batch_size=2, pad_id=0)
+    sequence_logprobs(model, batches, "old_logprobs", None)
+    loss_module = GRPOLoss(model, GRPOConfig())
+    with torch.no_grad():
+        logits = model(batches[0]["input_ids"])
+    again = token_logprobs(logits, batches[0]["labels"])
+    assert torch.equal(again, batches[0]["old_logprobs"])           # bit for bit: ratio exp(0) = 1
+    _, stats = loss_module(batches[0], [int((batches[0]["labels"] != IGNORE).sum())])
+    assert stats["metrics"]["clip_fraction"].item() == 0.0
+    assert batches[0]["labels"].tolist() == [[IGNORE, IGNORE, 22, 1, IGNORE], [IGNORE, IGNORE, 20, 21, 1]]
+
+
+def test_a_few_steps_raise_the_reward_of_a_tiny_model(tiny, tmp_path):
+    main(_config(*tiny, tmp_path / "run"))
+    rewards = [r["reward_mean"] for r in _records(tmp_path / "run") if "reward_mean" in r]
+    assert len(rewards) == 10
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    rec = _records(tmp_path / "run")[-1]
+    for key in ("accuracy", "reward/accuracy_reward", "response_length", "kl", "clip_fraction", "entropy",
+                "rollout_s", "train_s", "rollout_tokens_per_s", "eval_accuracy"):
+        assert key in rec, key
+    assert (tmp_path / "run/samples.jsonl").read_text().count("\n") == 10
+    assert {"reward_mean.png", "accuracy.png", "eval_accuracy.png"} <= {p.name for p in (tmp_path / "run/plots").iterdir()}
+    import nanoseek
+    out = nanoseek.LLM(str(tmp_path / "run/latest"), dtype="float32").generate("Say seven", nanoseek.SamplingParams(max_tokens=4))
+    assert out[0].outputs[0].token_ids                               # the checkpoint serves as it is
+
+
+def test_resume_replays_the_uninterrupted_run_bit_for_bit(tiny, tmp_path):
+    main(_config(*tiny, tmp_path / "a", steps=4))
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
+    shutil.rmtree(tmp_path / "b/checkpoints/step_00000004")
+    main(_config(*tiny, tmp_path / "b", steps=4, resume=True))
+    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+        a = load_file(str(tmp_path / "a/checkpoints/step_00000004" / name))
+        b = load_file(str(tmp_path / "b/checkpoints/step_00000004" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda recs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]  # noqa: E731
+    assert strip(_records(tmp_path / "a")) == strip(_records(tmp_path / "b"))
+
+
+def test_two_torchrun_processes_keep_identical_weights(tiny, tmp_path):
+    cfg = _config(*tiny, tmp_path / "ddp", steps=2, save_every=2)
+    flags = []
+    for key, value in vars(cfg).items():
+        if isinstance(value, bool):
+            flags.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+        elif value is not None:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "nanoseek.cli", "train", "grpo", *flags], cwd=ROOT, env=env, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:] + proc.stderr.decode()[-3000:]
+    state = json.loads((tmp_path / "ddp/latest/training_state/state.json").read_text())
+    assert state["world_size"] == 2 and len(set(state["replica_checksums"])) == 1
+
+
+def test_config_helpers():
+    assert parse_knobs("digits=2, ops=+") == {"digits": 2, "ops": "+"}
+    with pytest.raises(ValueError):
+        parse_knobs("digits")
+    preset = apply_preset(GRPOConfig(preset="smollm2_addition", steps=3))
+    assert preset.task_knobs == "digits=2,ops=+" and preset.steps == 3
+    with pytest.raises(ValueError, match="preset"):
+        apply_preset(GRPOConfig(preset="nope"))
+    cursor = PromptCursor(10, 4, seed=0, rank=1, world_size=2)
+    seen = [i for _ in range(5) for i in cursor.next()]
+    assert len(seen) == 10 and len(set(seen[:4])) == 4
