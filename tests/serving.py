@@ -129,6 +129,12 @@ def thinking_checkpoint() -> Path:
 
 # ---------------------------------------------------------------------------- the server process
 
+# One thread: a tiny model gains nothing from a second one on a shared 2-core machine. No C++
+# kernels: their torch fallbacks are what they are tested against (test_kernels.py), and a server
+# must not spend a minute compiling them whenever their sources change; the HTTP layer is under test.
+SERVER_ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "NANOSEEK_KERNELS": "0"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,7 +144,7 @@ def free_port() -> int:
 class Server:
     """`python -m nanoseek.cli serve ...` on a free loopback port; its output goes to a log file."""
 
-    def __init__(self, model: str | Path, *flags: str, env: dict | None = None, startup_s: float = 90):
+    def __init__(self, model: str | Path, *flags: str, env: dict | None = None, startup_s: float = 240):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="nanoseek-serve-", suffix=".log")[1])
@@ -146,8 +152,7 @@ class Server:
         command = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model), "--port", str(self.port),
                    "--dtype", "float32", "--device", "cpu", *flags]
         self.proc = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                                          **(env or {})})
+                                     env={**os.environ, **SERVER_ENV, **(env or {})})
         deadline = time.monotonic() + startup_s
         while True:
             if self.proc.poll() is not None:

@@ -193,3 +193,19 @@ def test_cors_only_for_listed_origins(server):
     assert status == 400 and "access-control-allow-origin" not in headers
     _, headers, _ = request("GET", server.url + "/health", None, {"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in headers
+
+
+def test_bench_serve_against_this_server(server, tmp_path, capsys):
+    from bench.serve import main
+    out = tmp_path / "bench.json"
+    report = main(["--url", server.url + "/v1", "--api-key", KEY, "--concurrency", "1,3", "--num-requests", "3",
+                   "--max-tokens", "8", "--warmup", "0", "--json", str(out)], prog="nanoseek bench serve")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report)) and report["model"] == MODEL
+    for level in report["levels"]:
+        assert level["success_rate"] == 1.0 and level["output_tokens"] == 3 * 8, level
+        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_ms"]["p99"]
+        assert level["tpot_ms"]["p50"] > 0 and level["itl_ms"]["p50"] > 0 and level["output_tokens_per_s"] > 0
+    assert "TTFT p50" in capsys.readouterr().out
+    failed = main(["--url", server.url, "--api-key", "wrong", "--model", MODEL, "--concurrency", "1",
+                   "--num-requests", "2", "--warmup", "0"])
+    assert failed["levels"][0]["success_rate"] == 0 and "HTTP 401" in failed["levels"][0]["errors"][0]

@@ -136,7 +136,7 @@ async def _run(request: Request, state, body, prompt_ids: list[int], mode, fmt, 
         if body.stream:
             first = await _unless_disconnected(request, _first(updates))
             streaming = True                          # from here on _sse's finally calls finish()
-            return StreamingResponse(_sse(fmt, generation, updates, first, body.include_usage, finish),
+            return _EventStream(_sse(fmt, generation, updates, first, body.include_usage, finish),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await _unless_disconnected(request, _drain(updates))
@@ -152,6 +152,17 @@ async def _run(request: Request, state, body, prompt_ids: list[int], mode, fmt, 
 
 class _ClientGone(Exception):
     pass
+
+
+class _EventStream(StreamingResponse):
+    """Closes its body generator however streaming ends (a client that left mid-send included), so
+    the request is aborted now rather than whenever the garbage collector finds the generator."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _first(updates):

@@ -127,6 +127,7 @@ async function send(text) {
     conversation.pop();             // the question goes again with the next try
     return;
   }
+  if (!answer && reasoning) view.answer.appendChild(element("div", "muted", "(no answer after the reasoning)"));
   conversation.push({ role: "assistant", content: answer });
   view.stats.textContent = stats(usage, first, start, finish);
   view.turn.dataset.done = "true";
