@@ -99,9 +99,10 @@ def _jobs(problems, cfg: EvalConfig, records: dict, name: str) -> list[Job]:
 def _record(name: str, sample: Sample, setup: str) -> dict:
     extracted = extract_answer(sample.content)
     return {"model": name, "problem_id": sample.problem.id, "sample_index": sample.index,
-            "reasoning": sample.reasoning, "completion": sample.content, "extracted": extracted, "correct": bool(is_correct(extracted, sample.problem)),
-            "finish_reason": sample.finish_reason, "prompt_tokens": sample.prompt_tokens,
-            "cached_tokens": sample.cached_tokens, "completion_tokens": sample.completion_tokens, "setup": setup}
+            "reasoning": sample.reasoning, "completion": sample.content, "extracted": extracted,
+            "correct": bool(is_correct(extracted, sample.problem)), "finish_reason": sample.finish_reason,
+            "prompt_tokens": sample.prompt_tokens, "cached_tokens": sample.cached_tokens,
+            "completion_tokens": sample.completion_tokens, "setup": setup}
 
 
 def _progress():
@@ -171,9 +172,10 @@ def main(cfg: EvalConfig) -> dict:
             if jobs:
                 try:
                     _draw(kind, name, jobs, cfg, on_sample)
-                except KeyboardInterrupt:
-                    print(f"\ninterrupted: {resumed + generated} samples are in {output}; run the same command "
-                          f"again to resume", file=sys.stderr)
+                except (KeyboardInterrupt, Exception) as e:   # ^C or a failed endpoint: say what is kept
+                    why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped"
+                    print(f"\n{why}: {resumed + generated} of {total} samples are in {output}; run the same "
+                          f"command again to resume", file=sys.stderr)
                     raise
     header = {"data": cfg.data, "split": cfg.split, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "max_tokens": cfg.max_tokens, "seed": cfg.seed}
