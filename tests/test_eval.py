@@ -99,6 +99,32 @@ def test_contiguous_runs_and_seeds():
     assert problem_seed(0, "gsm8k:1") == problem_seed(0, "gsm8k:1") != problem_seed(1, "gsm8k:1")
 
 
+# ---------------------------------------------------------------------------------------- extraction
+
+# (completion text, reasoning_content from an endpoint, prompt opened <think>) -> extracted, correct vs "1/2"
+EXTRACTION = [
+    ("<think>1/3? no</think> so \\boxed{\\frac{1}{2}}.", None, False, "\\frac{1}{2}", True),    # LaTeX
+    ("maybe 1/3</think> The answer is <answer>0.5</answer>", None, True, "0.5", True),  # template opened it
+    ("I keep thinking 1/2 and never stop", None, True, None, False),                # reasoning only: no answer
+    ("I keep thinking 1/2 and never stop", None, False, "1/2", True),               # no think block at all
+    ("", None, False, None, False),                                                 # empty
+    ("\\boxed{1/3} no wait, \\boxed{1/2}", None, False, "1/2", True),             # several: the last
+    ("\\boxed{1/2 and then 7", None, False, "7", False),                            # malformed box: last number
+    ("The answer is 0.5", "it is 1/3", False, "0.5", True),                         # endpoint's reasoning_content
+    ("", "the answer is 1/2", False, None, False),                                  # endpoint: reasoning only
+]
+
+
+@pytest.mark.parametrize("text, reasoning, opened, extracted, correct", EXTRACTION)
+def test_extraction_reads_the_answer_not_the_reasoning(text, reasoning, opened, extracted, correct):
+    from nanoseek.eval.generation import split_completion
+    from nanoseek.rewards import extract_answer, is_correct
+    from nanoseek.tasks import Problem
+    _, content = split_completion(text, reasoning, opened)
+    assert extract_answer(content) == extracted
+    assert is_correct(extract_answer(content), Problem("p", "q", "1/2", "math")) == correct
+
+
 # ---------------------------------------------------------------------------------------- records
 
 
