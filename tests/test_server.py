@@ -4,10 +4,22 @@ one CORS origin: chat and completions, streamed and not, reasoning_content, thin
 stop, logprobs, usage with prefix-cache hits and cost, the models list, auth, CORS."""
 
 import json
+import os
+import subprocess
+import sys
 
 import openai
 import pytest
-from serving import ANSWER, REASONING, SYSTEM, Server, request, thinking_checkpoint
+from serving import (
+    ANSWER,
+    REASONING,
+    REPO,
+    SERVER_ENV,
+    SYSTEM,
+    Server,
+    request,
+    thinking_checkpoint,
+)
 
 MODEL = "tiny-thinker"
 KEY = "sk-test-8c1e0f5b7d2a4e69"
@@ -180,6 +192,7 @@ def test_auth(server, client):
     assert client.models.list().data                        # the right key works
     status, _, metrics = request("GET", server.url + "/metrics")
     assert KEY.encode() not in metrics and KEY not in server.log()
+    assert f"ready at http://127.0.0.1:{server.port}" in server.log()      # loopback unless told otherwise
 
 
 def test_cors_only_for_listed_origins(server):
@@ -209,3 +222,30 @@ def test_bench_serve_against_this_server(server, tmp_path, capsys):
     failed = main(["--url", server.url, "--api-key", "wrong", "--model", MODEL, "--concurrency", "1",
                    "--num-requests", "2", "--warmup", "0"])
     assert failed["levels"][0]["success_rate"] == 0 and "HTTP 401" in failed["levels"][0]["errors"][0]
+
+
+def test_port_in_use_is_one_clear_line(server):
+    done = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "--model", "no-such-model", "--port",
+                           str(server.port)], capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+                          env={**os.environ, **SERVER_ENV})
+    assert done.returncode == 2 and "Address already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end():
+    """The embedded SmolLM2-135M behind the server: its own chat template (no <think>: no reasoning),
+    real BPE text (multi-byte characters included) streamed exactly as returned whole."""
+    s = Server("smollm2-135m", "--served-model-name", "smollm2")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "Write one sentence about Paris with an emoji 🗼."}]
+        whole = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=40)
+        message = whole.choices[0].message
+        assert message.content and getattr(message, "reasoning_content", None) is None
+        assert whole.usage.completion_tokens_details.reasoning_tokens == 0
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=messages, temperature=0, max_tokens=40, stream=True) if c.choices)
+        assert streamed == message.content
+    finally:
+        assert s.stop() == 0, s.log()

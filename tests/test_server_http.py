@@ -311,6 +311,16 @@ def test_request_timeout_ends_with_abort(server):
     wait_idle(server, timeout=1.0)
 
 
+def test_cancellation_under_load(server):
+    """Clients that give up after 0.3 s (streamed or not, queued or refused) leave nothing behind."""
+    socks = [open_stream(server, {**LONG_RUN, "stream": i % 2 == 0}) for i in range(12)]
+    time.sleep(0.3)
+    for sock in socks:
+        sock.close()
+    wait_idle(server, timeout=2.0)
+    assert_alive(server)
+
+
 def test_sigterm_drains_then_exits_0(server):
     """Last in this module: it stops the server. A short stream finishes, a long one is aborted when
     the 2 s grace ends, a request arriving meanwhile gets 503, the process exits 0."""

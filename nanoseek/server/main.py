@@ -65,14 +65,14 @@ class _Server(uvicorn.Server):
 
 def serve(cfg: ServeConfig) -> int:
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    sock = _bind(cfg.host, cfg.port)      # first, so a port in use fails before the model loads
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization, compile=cfg.compile,
               max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb)
     engine = AsyncLLM(llm)
     try:
         app = build_app(engine, cfg, api_key=api_key)
-        sock = _bind(cfg.host, cfg.port)
-        host, port = sock.getsockname()[:2]
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=cfg.log_level in ("debug", "info"),
                                 timeout_graceful_shutdown=5, lifespan="off")
         logging.getLogger("nanoseek").setLevel(cfg.log_level.upper())
@@ -80,6 +80,7 @@ def serve(cfg: ServeConfig) -> int:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         engine.shutdown()
+        sock.close()
     return 0
 
 

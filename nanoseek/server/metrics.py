@@ -57,18 +57,19 @@ class Metrics:
               registry=r).set_function(lambda: pool.num_free)
 
     def record(self, generation) -> None:
-        """A request ended (finished, aborted or failed): count what it did."""
+        """A request ended (finished, aborted or failed): count what it did, if it ran at all."""
+        if generation.first_token_time is None:          # refused by the engine, or left while queued
+            return
         usage = generation.usage()
         for choice in generation.choices:
-            self.requests.labels(choice.finish_reason or "error").inc()
+            self.requests.labels(choice.finish_reason or "error").inc()   # "error": the engine step failed
         self.prompt_tokens.inc(usage["prompt_tokens"])
         self.cache_hit_tokens.inc(usage["prompt_cache_hit_tokens"])
         self.generation_tokens.inc(usage["completion_tokens"])
         self.reasoning_tokens.inc(usage["completion_tokens_details"]["reasoning_tokens"])
         self.cost.inc(usage["cost"])
-        if generation.first_token_time is not None:
-            self.ttft.observe(generation.first_token_time - generation.arrival)
-            self.e2e.observe(generation.last_token_time - generation.arrival)
+        self.ttft.observe(generation.first_token_time - generation.arrival)
+        self.e2e.observe(generation.last_token_time - generation.arrival)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
