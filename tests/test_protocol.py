@@ -62,3 +62,12 @@ def test_errors_name_the_field(fields, param, words):
     error = raised.value
     assert error.status == 400 and error.param == param and words in error.message, error.message
     assert error.message.startswith(param)
+
+
+def test_serve_config_refuses_out_of_range_flags():
+    from nanoseek.server.config import ServeConfig
+    assert ServeConfig().host == "127.0.0.1"                       # loopback unless told otherwise
+    for field, value in (("max_num_seqs", 0), ("max_queue", -1), ("request_timeout", -1.0), ("port", 70000),
+                         ("price_output", -0.1)):
+        with pytest.raises(ValueError, match=field.replace("_", "-")):
+            ServeConfig(**{field: value})

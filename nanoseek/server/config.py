@@ -20,7 +20,8 @@ class ServeConfig:
     served_model_name: str | None = arg(None, "model id clients send and /v1/models lists (default: --model's name)")
     max_num_seqs: int = arg(16, "sequences the engine batches at once")
     max_queue: int = arg(64, "requests waiting beyond max-num-seqs before new ones get 503")
-    request_timeout: float = arg(600.0, "seconds a request may run before it ends with finish_reason 'abort'")
+    request_timeout: float = arg(600.0, "seconds a request may run before it ends with finish_reason 'abort' "
+                                        "(0 = no limit)")
     shutdown_timeout: float = arg(30.0, "on SIGTERM: seconds running requests may take before being aborted")
     max_request_bytes: int = arg(4 * 2**20, "largest request body; bigger ones get 413")
     allowed_origins: str | None = arg(None, "comma-separated origins allowed by CORS (default: CORS off)")
@@ -34,3 +35,13 @@ class ServeConfig:
     quantization: str | None = arg(None, "int8 (weights and activations) | int4 (weights): CPU kernels")
     compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
     log_level: str = arg("warning", "uvicorn's log level: debug | info | warning | error")
+
+    def __post_init__(self):
+        checks = [("max_num_seqs", self.max_num_seqs >= 1), ("max_queue", self.max_queue >= 0),
+                  ("request_timeout", self.request_timeout >= 0), ("shutdown_timeout", self.shutdown_timeout >= 0),
+                  ("max_request_bytes", self.max_request_bytes >= 1), ("port", 0 <= self.port < 65536),
+                  ("price_input_cache_hit", self.price_input_cache_hit >= 0),
+                  ("price_input_cache_miss", self.price_input_cache_miss >= 0), ("price_output", self.price_output >= 0)]
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise ValueError(f"--{bad[0].replace('_', '-')} is out of range: {getattr(self, bad[0])!r}")
