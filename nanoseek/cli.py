@@ -178,7 +178,7 @@ def bench_main(which: str, rest: list[str]) -> int:
 def train_commands() -> dict:
     """`nanoseek train STAGE`: each stage is a config dataclass and its main(cfg) (nanoseek/train/)."""
     from .model.presets import TRAINING_PRESETS
-    from .train import grpo, pretrain, sft
+    from .train import distill, grpo, pretrain, sft
     presets = ", ".join(TRAINING_PRESETS)
     return {
         "pretrain": (pretrain.PretrainConfig, pretrain.main,
@@ -186,6 +186,8 @@ def train_commands() -> dict:
         "sft": (sft.SFTConfig, sft.main, "supervised fine-tuning on chat examples (assistant tokens only)"),
         "grpo": (grpo.GRPOConfig, grpo.main, "GRPO reinforcement learning with verifiable rewards (R1-Zero); "
                  f"presets: {', '.join(grpo.PRESETS)}"),
+        "distill": (distill.DistillConfig, distill.main, "rejection sampling from a teacher, then SFT of a student "
+                    f"on its verified traces (R1-Distill); --student presets: {presets}"),
     }
 
 
