@@ -28,8 +28,10 @@ GOOD_ORIGIN = "http://good.example"
 
 @pytest.fixture(scope="module")
 def server():
+    # --kv-cache-gb 0.00025: 32 blocks of 16 tokens (512 B a token), plenty for these tests, while one
+    # request asking for 2,000 tokens outgrows the pool mid-stream: a real engine failure (see below)
     s = Server(thinking_checkpoint(), "--served-model-name", MODEL, "--allowed-origins", GOOD_ORIGIN,
-               env={"NANOSEEK_API_KEY": KEY})
+               "--kv-cache-gb", "0.00025", env={"NANOSEEK_API_KEY": KEY})
     yield s
     assert s.stop() == 0, s.log()
 
@@ -222,6 +224,21 @@ def test_bench_serve_against_this_server(server, tmp_path, capsys):
     failed = main(["--url", server.url, "--api-key", "wrong", "--model", MODEL, "--concurrency", "1",
                    "--num-requests", "2", "--warmup", "0"])
     assert failed["levels"][0]["success_rate"] == 0 and "HTTP 401" in failed["levels"][0]["errors"][0]
+
+
+def test_engine_failure_mid_stream_reaches_the_client(client):
+    """After the 200, an error can only travel in the stream: data: {"error": ...}, then [DONE]; the
+    client raises, the KV pool is whole again and the next request is answered."""
+    stream = client.chat.completions.create(model=MODEL, messages=ask(), temperature=0, max_tokens=2000,
+                                            stream=True, extra_body={"ignore_eos": True})
+    received = ""
+    with pytest.raises(openai.APIError, match="engine failed"):
+        for chunk in stream:
+            for choice in chunk.choices:
+                received += (choice.delta.content or "") + (getattr(choice.delta, "reasoning_content", None) or "")
+    assert len(received) > 100                                  # it did stream before the pool ran out
+    again = client.chat.completions.create(model=MODEL, messages=ask(), temperature=0)
+    assert again.choices[0].message.content == ANSWER
 
 
 def test_port_in_use_is_one_clear_line(server):
