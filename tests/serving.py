@@ -124,6 +124,9 @@ def thinking_checkpoint() -> Path:
         building.rename(folder)           # atomic; another process may have won the race
     except OSError:
         shutil.rmtree(building, ignore_errors=True)
+    for stale in folder.parent.glob("nanoseek-thinker-*"):    # checkpoints of earlier versions of this file
+        if stale != folder and not stale.name.startswith("nanoseek-thinker-build-"):
+            shutil.rmtree(stale, ignore_errors=True)
     return folder
 
 
