@@ -17,6 +17,9 @@ key is never logged or echoed. CORS headers exist only for the origins listed. N
 
 Admission: at most max_num_seqs + max_queue requests are in flight (admitted, not yet answered);
 one more gets 503. The engine batches max_num_seqs sequences, the rest wait in its queue.
+
+Left out on purpose: several models per server, per-key rate limits (429), TLS (put a proxy in
+front), the OpenAPI docs pages, a debug endpoint. Tests: tests/test_server*.py, tests/test_web.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Usage: prompt tokens are billed once per request; `prompt_cache_hit_tokens` are 
 the prefix cache served (whole KV blocks; DeepSeek's context cache is the same idea on disk),
 `completion_tokens` sums every choice, `reasoning_tokens` counts tokens up to and including
 "</think>", and `cost` prices it all in USD per million tokens.
+
+Left out on purpose: DeepSeek's 64-token cache unit (hits here are whole KV blocks, 16 tokens by
+default), per-user cache isolation, night-time discounts.
 """
 
 from __future__ import annotations

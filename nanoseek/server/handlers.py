@@ -11,6 +11,9 @@ watches for the client going away (the ASGI `http.disconnect` message) and abort
 once; a streamed one is aborted when Starlette stops iterating the body.
 
 Errors after the first byte of a stream are sent as `data: {"error": {...}}`, then `data: [DONE]`.
+
+Left out on purpose: several prompts per completions request, `echo`, tool calls (protocol.py
+refuses them), vLLM's `continuous_usage_stats`.
 """
 
 from __future__ import annotations
@@ -137,8 +140,8 @@ async def _run(request: Request, state, body, prompt_ids: list[int], mode, fmt, 
             first = await _unless_disconnected(request, _first(updates))
             streaming = True                          # from here on _sse's finally calls finish()
             return _EventStream(_sse(fmt, generation, updates, first, body.include_usage, finish),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await _unless_disconnected(request, _drain(updates))
         return JSONResponse(fmt.response(generation))
     except _ClientGone:
