@@ -1,6 +1,6 @@
 """R1's evaluation metrics as pure functions over per-sample results.
 
-DeepSeek-R1 (§3.1, "Evaluation Setup") samples k responses per question at temperature 0.6,
+DeepSeek-R1 (§3, "Evaluation Setup") samples k responses per question at temperature 0.6,
 top-p 0.95 and reports pass@1 = (1/k) Σ_i p_i, with p_i the correctness of response i, and for
 AIME cons@64, the majority vote over 64 responses. Here, for each system:
 

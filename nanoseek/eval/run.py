@@ -4,8 +4,9 @@
     nanoseek eval --endpoint http://localhost:8000 --data gsm8k_test.jsonl --concurrency 32
     nanoseek eval --model A --model B --data arithmetic          # side by side, paired difference
 
-R1 (§3.1): temperature 0.6, top-p 0.95, k samples per question, pass@1 the mean correctness over
-them, cons@k the majority vote; up to 32,768 generated tokens. Each question gets DeepSeek-R1's
+R1 (§3, "Evaluation Setup"): temperature 0.6, top-p 0.95, k samples per question, pass@1 the mean
+correctness over them, cons@k the majority vote; up to 32,768 generated tokens (a small model that
+loops runs to its context length: pass --max-tokens to bound a CPU run). Each question gets R1's
 recommended directive ("Please reason step by step, and put your final answer within \\boxed{}.")
 and, locally, the model's chat template. Answers are read and graded by nanoseek.rewards, the same
 verifier GRPO trains against. Samples go to a JSONL as they finish (records.py); running the same
