@@ -205,6 +205,10 @@ def test_unknown_routes_and_methods(server):
                                  ("GET", "/docs", 404), ("GET", "/openapi.json", 404)):
         code, _, raw = request(method, server.url + path)
         assert code == status and set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}   # CORS off by default
+    for method in ("OPTIONS", "POST"):
+        _, headers, _ = request(method, server.url + CHAT, {"messages": HI} if method == "POST" else None, preflight)
+        assert not any(h.startswith("access-control-") for h in headers), headers
 
 
 def test_body_limit(server):
