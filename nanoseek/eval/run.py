@@ -42,9 +42,9 @@ R1_INSTRUCTION = "Please reason step by step, and put your final answer within \
 @dataclass
 class EvalConfig:
     model: list[str] = arg([], "built-in name, .gguf file or Hugging Face folder; repeat to compare side by side")
-    endpoint: list[str] = arg([], "OpenAI-compatible server (http://host:port[/v1]); repeatable")
-    api_key: str | None = arg(None, "bearer token for --endpoint (default: $OPENAI_API_KEY)")
-    served_model: str | None = arg(None, "`model` field sent to endpoints (default: the first of GET /v1/models)")
+    endpoint: list[str] = arg([], "OpenAI-compatible server (http://host:port[/v1])")
+    api_key: str | None = arg(None, "bearer token for --endpoint; None reads $OPENAI_API_KEY")
+    served_model: str | None = arg(None, "`model` field sent to endpoints; None: the first of GET /v1/models")
     data: str = arg("arithmetic", "built-in task (arithmetic, word_problems, countdown) or a JSONL file")
     split: str = arg("test", "split of a built-in task (train | test)")
     limit: int | None = arg(None, "evaluate the first N problems only")
@@ -59,7 +59,7 @@ class EvalConfig:
     concurrency: int = arg(16, "endpoint requests in flight at once")
     max_retries: int = arg(6, "endpoint retries on 429, 5xx and dropped connections (exponential backoff)")
     timeout: float = arg(600.0, "seconds one endpoint request may take")
-    output: str | None = arg(None, "per-sample JSONL, resumed when it exists (default: eval-<data>-<setup>.jsonl)")
+    output: str | None = arg(None, "per-sample JSONL, resumed when it exists; None: eval-<data>-<setup>.jsonl here")
     dtype: str = arg("auto", "local models: float32 | bfloat16 | float16 | auto")
     device: str = arg("auto", "local models: cpu | cuda | auto")
     price_cache_hit: float = arg(0.14, "USD per 1M prompt tokens served from cache (deepseek-reasoner, R1 launch)")
