@@ -9,8 +9,8 @@ accumulation and data parallelism give the same update as one big batch.
     ce_sum, n = cross_entropy_sum(logits, labels)               # logits (B, T, V), labels (B, T)
     depth_sums = mtp_loss_sums(model.mtp_logits(ids, hidden), labels)
 
-GRPO's losses (token log-probs, advantages, the clipped objective, k3 KL) live in grpo's section below
-the training losses when that stage lands; nothing here knows about optimisers or models.
+GRPO's pieces (token log-probs, group advantages, the clipped objective, k3 KL) and distillation's
+KL follow in their own sections; nothing here knows about optimisers or models.
 """
 
 from __future__ import annotations
