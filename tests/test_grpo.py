@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_llama
 from nanoseek.train.bpe import padded_vocab, train_bpe
-from nanoseek.train.grpo import GRPOConfig, GRPOLoss, PromptCursor, apply_preset, main, parse_knobs, sequence_logprobs
+from nanoseek.train.grpo import (GRPOConfig, GRPOLoss, PromptCursor, apply_preset, completion_logprobs, main,
+                                 parse_knobs, sequence_logprobs)
 from nanoseek.train.losses import IGNORE, group_advantages, grpo_loss_sums, k3_kl, signal_groups, token_logprobs
 from nanoseek.train.rollout import Group, training_rows
 
@@ -87,18 +88,20 @@ def tiny(tmp_path_factory):
 
 def test_importance_ratio_is_exactly_one_on_the_first_update(tiny):
     from nanoseek.checkpoint import load_model
+    from nanoseek.train.loop import Session
     model = load_model(tiny[0]).train()
     g = Group(None, [1, 5, 9], completion_ids=[[20, 21, 1], [22, 1]])
     batches = training_rows([g], torch.tensor([[1.0, -1.0]]), micro_batch_size=2, pad_id=0)
-    sequence_logprobs(model, batches, "old_logprobs", None)
-    loss_module = GRPOLoss(model, GRPOConfig())
-    with torch.no_grad():
-        logits = model(batches[0]["input_ids"])
-    again = token_logprobs(logits, batches[0]["labels"])
-    assert torch.equal(again, batches[0]["old_logprobs"])           # bit for bit: ratio exp(0) = 1
-    _, stats = loss_module(batches[0], [int((batches[0]["labels"] != IGNORE).sum())])
-    assert stats["metrics"]["clip_fraction"].item() == 0.0
     assert batches[0]["labels"].tolist() == [[IGNORE, IGNORE, 22, 1, IGNORE], [IGNORE, IGNORE, 20, 21, 1]]
+    sequence_logprobs(model, batches, "old_logprobs", Session(torch.device("cpu"), None))   # no gradient
+    batch, mask = batches[0], batches[0]["labels"] != IGNORE
+    logprobs, _ = completion_logprobs(model, batch["input_ids"], batch["labels"])              # with gradient
+    assert logprobs.requires_grad
+    assert torch.equal(torch.exp(logprobs.detach() - batch["old_logprobs"][mask]), torch.ones(5))
+    _, stats = GRPOLoss(model, GRPOConfig())(batch, [int(mask.sum())])
+    assert stats["metrics"]["clip_fraction"].item() == 0.0
+    # ratio 1: the policy term is -A per token, so its mean is -(3·1 - 2·1)/5 (row order: by length)
+    assert math.isclose(stats["metrics"]["policy_loss"].item(), -(2 * -1.0 + 3 * 1.0) / 5, rel_tol=1e-6)
 
 
 def test_a_few_steps_raise_the_reward_of_a_tiny_model(tiny, tmp_path):

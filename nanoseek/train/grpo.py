@@ -72,6 +72,9 @@ class GRPOConfig:
     resume: bool = arg(False, "continue from the run folder's last complete checkpoint")
     seed: int = arg(0, "seed of the prompt order and the rollouts")
     dtype: str = arg("auto", "training autocast: auto (bfloat16 where fast) | bfloat16 | float32")
+    rollout_dtype: str = arg("auto", "rollout weights: auto (a bfloat16 copy, refreshed after every update, "
+                                     "where bf16 is fast) | bfloat16 | float32 (the trained weights themselves)",
+                             choices=("auto", "bfloat16", "float32"))
     device: str = arg("auto", "cpu | cuda | auto")
     bias_update_speed: float = arg(0.001, "γ of the expert bias rule for MoE policies (0 = off)")
     preset: str | None = arg(None, "start from a preset (smollm2_addition); flags that differ from their "
@@ -88,6 +91,40 @@ def smollm2_addition() -> GRPOConfig:
 PRESETS = {f.__name__: f for f in (smollm2_addition,)}
 
 
+def rollout_model(model: nn.Module, cfg: GRPOConfig, device: torch.device) -> nn.Module:
+    """The model the engine samples from: the trained float32 weights themselves, or a bfloat16 copy
+    where bf16 matmuls are fast (AMX / AVX512-BF16 CPUs, GPUs). Decoding reads every weight each
+    step, so half the bytes is what the engine's own default (LLM picks bf16 there) already bets on.
+    The log-probs of the update always come from the trained weights, so the first ratio stays 1."""
+    from .loop import fast_bf16
+    want = cfg.rollout_dtype
+    if want == "float32" or (want == "auto" and not fast_bf16(device)):
+        return model
+    shadow = copy.deepcopy(model).to(torch.bfloat16).eval()
+    return shadow.requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
+    """Copy the updated weights into the rollout copy (its engine sees the change and drops its cache)."""
+    if shadow is not model:
+        for dst, src in zip(shadow.state_dict().values(), model.state_dict().values()):
+            dst.copy_(src)
+
+
+def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                        routing: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the completion tokens only: (N,) for the N labelled positions, and their logits (N, V).
+
+    The output head and the softmax run on the completion positions alone: in a short-answer
+    rollout the prompt is ~70% of every row, and the head is SmolLM2's largest matmul.
+    """
+    mask = labels != IGNORE
+    hidden = model.hidden_states(input_ids, routing=routing)           # (B, T, D)
+    logits = model.logits(hidden[mask])                                 # (N, V)
+    return token_logprobs(logits, labels[mask]), logits
+
+
 class GRPOLoss(nn.Module):
     """The policy's GRPO loss in one forward (loop.LossModel's contract, so DDP and train_step apply).
 
@@ -101,27 +138,34 @@ class GRPOLoss(nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
-        labels = batch["labels"]
-        logits = self.model(batch["input_ids"])
-        logprobs = token_logprobs(logits, labels)
+        labels, routing = batch["labels"], []
         mask = labels != IGNORE
-        old = batch.get("old_logprobs")
-        sums = grpo_loss_sums(logprobs, logprobs.detach() if old is None else old, batch["advantages"], mask,
-                              self.cfg.epsilon, self.cfg.epsilon_high, self.cfg.beta, batch.get("ref_logprobs"))
+        logprobs, logits = completion_logprobs(self.model, batch["input_ids"], labels, routing)   # (N,)
+        old, ref = batch.get("old_logprobs"), batch.get("ref_logprobs")
+        advantages = batch["advantages"].unsqueeze(1).expand(labels.shape)[mask]                  # (N,)
+        sums = grpo_loss_sums(logprobs, logprobs.detach() if old is None else old[mask], advantages,
+                              torch.ones_like(logprobs), self.cfg.epsilon, self.cfg.epsilon_high, self.cfg.beta,
+                              None if ref is None else ref[mask])
         with torch.no_grad():
-            entropy = (token_entropy(logits) * mask).sum()
+            entropy = token_entropy(logits).sum()
         n = max(counts[0], 1)
         metrics = {"policy_loss": sums["policy"].detach() / n, "kl": sums["kl"] / n,
                    "clip_fraction": sums["clipped"] / n, "entropy": entropy / n}
-        return sums["loss"] / n * world_size, {"metrics": metrics, "routing": []}
+        return sums["loss"] / n * world_size, {"metrics": metrics, "routing": routing}
 
 
 @torch.no_grad()
-def sequence_logprobs(model: nn.Module, batches: list[dict], key: str, autocast) -> None:
-    """Fill batch[key] (B, T) with `model`'s token log-probs (old policy or reference), no gradient."""
+def sequence_logprobs(model: nn.Module, batches: list[dict], key: str, session) -> None:
+    """Fill batch[key] (B, T) with `model`'s completion log-probs (old policy or reference), no gradient;
+    the same computation as GRPOLoss's, so the old policy's ratio is exactly 1."""
     for batch in batches:
-        with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
-            batch[key] = token_logprobs(model(batch["input_ids"]), batch["labels"])
+        amp = torch.autocast(session.device.type, dtype=session.autocast, enabled=session.autocast is not None)
+        with amp:
+            logprobs, _ = completion_logprobs(model, batch["input_ids"].to(session.device),
+                                              batch["labels"].to(session.device))
+        full = torch.zeros(batch["labels"].shape, dtype=logprobs.dtype, device=logprobs.device)
+        full[batch["labels"].to(session.device) != IGNORE] = logprobs
+        batch[key] = full
 
 
 def reward_functions(cfg: GRPOConfig) -> list:
@@ -263,11 +307,12 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     train_started = time.perf_counter()
     if batches:
         if run["reference"] is not None:
-            sequence_logprobs(run["reference"], batches, "ref_logprobs", session.autocast)
+            sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
         if cfg.iterations > 1:
-            sequence_logprobs(state.model, batches, "old_logprobs", session.autocast)
+            sequence_logprobs(state.model, batches, "old_logprobs", session)
         for _ in range(cfg.iterations):
             update = train_step(state, batches)
+        refresh_rollout_model(run["rollout_model"], state.model)
         metrics.update({k: update[k] for k in ("policy_loss", "kl", "clip_fraction", "entropy", "lr", "grad_norm",
                                                "skipped_steps", "finite") if k in update})
         if "expert_load_max_over_mean" in update:
@@ -308,8 +353,10 @@ def main(cfg: GRPOConfig) -> None:
         cursor.load_state_dict(saved["cursor"])
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)
-    llm = LLM(model, tokenizer=tokenizer, seed=cfg.seed)   # the engine runs the trained weights themselves
+    sampler = rollout_model(model, cfg, session.device)
+    llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed)    # shares the weights, or their bf16 copy
     run = {"cfg": cfg, "llm": llm, "state": state, "reference": reference, "rewards": reward_functions(cfg),
+           "rollout_model": sampler,
            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)}
     if session.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

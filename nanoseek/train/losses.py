@@ -134,7 +134,8 @@ def grpo_loss_sums(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
                    beta: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The clipped GRPO objective per token, summed over the masked completion tokens.
 
-    logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,), one per completion.
+    logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,), one per completion (or all
+    of them flattened to the N completion tokens, advantages then (N,) too).
     Per token: ρ = π_θ / π_old = exp(logp - old), loss_t = -min(ρ·A, clip(ρ, 1-ε, 1+ε_high)·A)
     + β·KL_k3(π_θ || π_ref). Returned sums are divided by the caller by the number of completion
     tokens of the whole step (token-level normalisation, DAPO §3.3): every token weighs the same,
@@ -146,7 +147,8 @@ def grpo_loss_sums(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)
-    A = advantages.unsqueeze(-1).to(logprobs.dtype)
+    # one advantage per completion (B,) against (B, T) tokens, or already one per token
+    A = (advantages if advantages.shape == logprobs.shape else advantages.unsqueeze(-1)).to(logprobs.dtype)
     unclipped, clipped = ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + high) * A
     policy = -torch.minimum(unclipped, clipped)
     was_clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + high) & (A > 0))
