@@ -82,10 +82,15 @@ class GRPOConfig:
 
 
 def smollm2_addition() -> GRPOConfig:
-    """The published demonstration: SmolLM2-135M-Instruct learns 2-digit addition (docs/benchmarks.md)."""
-    return GRPOConfig(model="smollm2-135m", task="arithmetic", task_knobs="digits=2,ops=+", steps=40,
-                      group_size=8, prompts_per_step=8, max_new_tokens=64, temperature=0.7, lr=5e-6,
-                      eval_every=10, eval_size=200)
+    """The published demonstration: SmolLM2-135M-Instruct learns 2-digit addition (docs/benchmarks.md).
+
+    Its answers are short ("22 + 89 = 111"), so 24 new tokens suffice and a step is cheap; 16
+    prompts × 8 samples at temperature 0.8 leave ~60% of groups with a signal at the start (greedy
+    accuracy 27.5%), and lr 2e-5 moves a 135M model within tens of steps.
+    """
+    return GRPOConfig(model="smollm2-135m", task="arithmetic", task_knobs="digits=2,ops=+", steps=30,
+                      group_size=8, prompts_per_step=16, max_new_tokens=24, temperature=0.8, lr=2e-5,
+                      eval_every=10, eval_size=200, save_every=10)
 
 
 PRESETS = {f.__name__: f for f in (smollm2_addition,)}
