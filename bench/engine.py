@@ -9,10 +9,12 @@ another. Every request decodes greedily and ignores EOS, so each produces exactl
 Measured per system: output tokens/s at 1, 8 and 32 concurrent requests of 128 new tokens (all
 submitted at once), time to first token (TTFT), prefill tokens/s on a 512-token prompt, and the
 TTFT of a request whose 1,000-token prefix is cached vs not. Ratios are nanoseek's speedup over
-each peer: tokens/s divided by the peer's, or the peer's latency divided by nanoseek's.
+each peer: tokens/s divided by the peer's, or the peer's latency divided by nanoseek's. For
+nanoseek alone, sampled decoding as R1's evaluation protocol and GRPO rollouts run it
+(temperature 0.6, top-p 0.95, seeded, n = 4 samples of 8 prompts) beside greedy on the same shape.
 
-Left out on purpose: GPUs (a CPU benchmark: the peers run on CPU), sampling (greedy only),
-llama.cpp's HTTP server (its batching would need a second process), warm-up beyond one call.
+Left out on purpose: GPUs (a CPU benchmark: the peers run on CPU), sampling for the peers
+(greedy only), llama.cpp's HTTP server (its batching would need a second process), warm-up beyond one call.
 
     python -m bench.engine --quick                      # smoke test: 16 new tokens, 1 and 4 concurrent
     python -m bench.engine --out docs/benchmarks.md     # the full run, written into the docs
@@ -129,17 +131,22 @@ class NanoseekRunner:
         else:
             self.llm = self.make()
 
-    def _run(self, prompts, max_tokens):
-        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    def _run(self, prompts, max_tokens, **sampling):
+        params = self.params(**{"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True, **sampling})
         start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         wall = time.perf_counter() - start
-        check_lengths(self.name, [len(o.outputs[0].token_ids) for o in outs], max_tokens)
+        check_lengths(self.name, [len(c.token_ids) for o in outs for c in o.outputs], max_tokens)
         return wall, [o.metrics.first_token_time - o.metrics.arrival_time for o in outs], outs
 
     def generate(self, prompts, max_tokens):
         self._fresh()
         return self._run(prompts, max_tokens)[:2]
+
+    def sampled(self, prompts, max_tokens, **sampling) -> float:
+        """Wall seconds for `prompts` under SamplingParams(**sampling) (n samples each), a fresh cache."""
+        self._fresh()
+        return self._run(prompts, max_tokens, **sampling)[0]
 
     def cached_ttft(self, first, second) -> float:
         self._fresh()
@@ -278,10 +285,28 @@ def measure_prefix_cache(runner, work: Workload) -> dict:
     return {"ttft_uncached": cold_s, "ttft_cached": warm_s, "prefix_speedup": cold_s / warm_s}
 
 
+SAMPLED = dict(temperature=0.6, top_p=0.95, seed=0, n=4)   # R1's evaluation protocol, k = 4 samples
+
+
+def measure_sampling(runner, work: Workload) -> dict:
+    """Output tokens/s of max-concurrency / 4 prompts × n = 4 samples, greedy and SAMPLED, the runs
+    alternated (so a busy spell hits both) and each the median of `repeats`. nanoseek only."""
+    if not hasattr(runner, "sampled"):
+        return {}
+    prompts = work.prompts[:max(1, max(work.concurrency) // 4)]
+    walls = {"greedy": [], "sampled": []}
+    for _ in range(work.repeats):
+        walls["greedy"].append(runner.sampled(prompts, work.new_tokens, n=4))
+        walls["sampled"].append(runner.sampled(prompts, work.new_tokens, **SAMPLED))
+    out = {f"{kind}_n4_tok_s": len(prompts) * 4 * work.new_tokens / statistics.median(w) for kind, w in walls.items()}
+    out["sampled_vs_greedy"] = out["sampled_n4_tok_s"] / out["greedy_n4_tok_s"]
+    return out
+
+
 def run_system(runner, work: Workload) -> dict:
     runner.generate(work.prompts[:2], 2)  # warm-up: first-call allocations and kernel selection
     results = {}
-    for measure in (measure_throughput, measure_ttft, measure_prefill, measure_prefix_cache):
+    for measure in (measure_throughput, measure_sampling, measure_ttft, measure_prefill, measure_prefix_cache):
         results.update(measure(runner, work))
         print(f"  {runner.name}: {measure.__name__} done", file=sys.stderr)
     return results
@@ -301,6 +326,11 @@ class Row:
 def table_rows(work: Workload) -> list[Row]:
     n_prefill, n_prefix = len(work.long_prompt), len(work.prefix)
     rows = [Row(f"tok_s@{n}", f"output tok/s, {n} concurrent × {work.new_tokens} new", "{:.1f}") for n in work.concurrency]
+    prompts = max(1, max(work.concurrency) // 4)
+    shape = f"{prompts} prompt{'s' * (prompts > 1)} × n = 4 × {work.new_tokens} new"
+    rows.append(Row("greedy_n4_tok_s", f"output tok/s, {shape}, greedy", "{:.1f}"))
+    rows.append(Row("sampled_n4_tok_s", f"output tok/s, {shape}, temperature 0.6, top-p 0.95, seeded", "{:.1f}"))
+    rows.append(Row("sampled_vs_greedy", "sampled ÷ greedy output tok/s (×)", "{:.2f}"))
     rows.append(Row("decode_tok_s", "decode tok/s, 1 request, after its first token", "{:.1f}"))
     rows.append(Row("ttft", "TTFT, 1 request (ms)", "{:.0f}", False, 1e3))
     rows.append(Row(f"ttft_mean@{max(work.concurrency)}", f"TTFT, mean of {max(work.concurrency)} concurrent (ms)",
@@ -319,7 +349,8 @@ def targets(work: Workload) -> list[tuple[str, str, str | None, float]]:
             (f"{max(work.concurrency)} concurrent vs transformers bfloat16", top, "transformers bfloat16", 2.0),
             ("single stream vs llama.cpp", "tok_s@1", "llama.cpp", 1.0),
             ("prefill vs llama.cpp", "prefill_tok_s", "llama.cpp", 2.0),
-            ("TTFT with the prefix cached vs not", "prefix_speedup", None, 10.0)]
+            ("TTFT with the prefix cached vs not", "prefix_speedup", None, 10.0),
+            ("sampled (temperature 0.6, top-p 0.95, seeded, n = 4) vs greedy", "sampled_vs_greedy", None, 0.9)]
 
 
 def ratio(results: dict, row_key: str, peer: str, higher_is_better: bool = True) -> float | None:

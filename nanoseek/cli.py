@@ -85,14 +85,24 @@ def _params(cfg: GenerateConfig):
 
 def _stream(llm, prompt, cfg: GenerateConfig) -> str:
     """Stream one answer to the terminal; returns its full text."""
-    printer, request, start = StreamPrinter(), None, time.perf_counter()
+    printer, request = StreamPrinter(), None
     for delta, request in llm.stream(prompt, _params(cfg)):
         printer.write(delta)
-    n = len(request.token_ids) if request else 0
-    rate = n / max(time.perf_counter() - start, 1e-9)
-    note = f"[{n} tokens, {rate:.1f} tok/s, {request.num_cached_tokens if request else 0} prompt tokens cached]"
+    note = summary(request)
     print("\n" + (f"\x1b[2m{note}\x1b[0m" if sys.stdout.isatty() else note), file=sys.stderr)
     return request.text if request else ""
+
+
+def summary(request) -> str:
+    """The note after an answer. Its tok/s is the decode rate, from the first token to the last: the
+    prefill and any first-call work before it are the first token's latency, shown apart."""
+    if request is None:
+        return "[0 tokens]"
+    n, metrics = len(request.token_ids), request.metrics
+    first = metrics.first_token_time - metrics.arrival_time
+    span = (metrics.finished_time or time.perf_counter()) - metrics.first_token_time
+    rate = f"{(n - 1) / span:.1f} tok/s after the first" if n > 1 and span > 0 else "no rate from one token"
+    return f"[{n} tokens, {rate}, first token in {first:.2f} s, {request.num_cached_tokens} prompt tokens cached]"
 
 
 def _llm(cfg: GenerateConfig):

@@ -1,11 +1,15 @@
 import dataclasses
+import re
+import time
 
 import pytest
 import torch
 import transformers
 
 from nanoseek.checkpoint import load_model, load_tokenizer
-from nanoseek.cli import GenerateConfig, StreamPrinter, main
+from nanoseek.cli import GenerateConfig, StreamPrinter, main, summary
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.llm import CompletionOutput, RequestMetrics, RequestOutput
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_llama
 
@@ -72,3 +76,31 @@ def test_stream_printer_sets_reasoning_apart():
     for piece in ["<thi", "nk>let me see", "</th", "ink>Paris"]:   # tags split across pieces
         printer.write(piece)
     assert out.text == "[thinking] let me see\n[answer] Paris"
+
+
+def test_the_printed_rate_counts_generation_from_the_first_token():
+    # 30 s to the first token (prefill, a first kernel build), then 20 more tokens in 2 s
+    request = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, token_ids=list(range(21)))],
+                           num_cached_tokens=2, metrics=RequestMetrics(100.0, 130.0, 132.0))
+    assert summary(request) == "[21 tokens, 10.0 tok/s after the first, first token in 30.00 s, 2 prompt tokens cached]"
+    request.outputs[0].token_ids = [7]
+    assert "no rate" in summary(request)
+
+
+def test_a_slow_first_step_stays_out_of_the_printed_rate(tiny_folder, capsys, monkeypatch):
+    step, slowed = Engine.step, []
+
+    def slow_first_step(self):             # the prefill step (and any first-call work) takes 2 s longer
+        if not slowed:
+            time.sleep(2.0)
+            slowed.append(True)
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_first_step)
+    start = time.perf_counter()
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--max-tokens", "8"]) == 0
+    wall = time.perf_counter() - start
+    note = capsys.readouterr().err
+    n, rate, first = re.search(r"\[(\d+) tokens, ([\d.]+) tok/s after the first, first token in ([\d.]+) s", note).groups()
+    assert float(first) >= 2.0
+    assert float(rate) > 2 * int(n) / wall          # the old count: tokens over the whole wall time

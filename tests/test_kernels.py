@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +105,20 @@ def test_a_failed_build_says_why_and_load_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("NANOSEEK_KERNELS", "0")
     assert kernels.load() is False and not kernels.loaded()
+
+
+def test_the_first_build_says_so_and_a_cached_one_is_silent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+    calls = []
+
+    def compiler(command, **kwargs):           # in place of the minute-long compile: writes the library
+        calls.append(command)
+        Path(command[command.index("-o") + 1]).write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(kernels.subprocess, "run", compiler)
+    path = kernels.build()
+    err = capsys.readouterr().err
+    assert "building the C++ kernels" in err and str(tmp_path) in err and "built in" in err
+    assert kernels.build() == path and len(calls) == 1
+    assert capsys.readouterr().err == ""

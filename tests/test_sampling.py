@@ -1,13 +1,45 @@
 """Sampling: greedy is argmax; each filter keeps exactly the right support; penalties and the
 min_tokens ban match a hand computation; a seeded row ignores the rest of the batch; logprobs are
-log_softmax of the raw logits; bad SamplingParams are refused."""
+log_softmax of the raw logits; bad SamplingParams are refused. The C++ kernel, its plain-C++ build
+and the torch path draw the very tokens a row-by-row full-sort reference draws from the same uniforms."""
 
+import functools
 import math
+import shutil
 
 import pytest
 import torch
 
-from nanoseek.engine.sampling import SamplerState, SamplingParams, process_logits, sample
+from nanoseek.engine import sampling
+from nanoseek.engine.sampling import NO_WEIGHT, SamplerState, SamplingParams, draw_torch, process_logits, sample
+from nanoseek.model import kernels
+
+HAVE_CXX = bool(shutil.which("c++") or shutil.which("g++"))
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def path(request, monkeypatch):
+    """Run `sample` through the torch path or the C++ kernel."""
+    if request.param == "kernel":
+        if not (HAVE_CXX and kernels.load()):
+            pytest.skip("the C++ kernels need a compiler")
+    else:
+        monkeypatch.setattr(kernels, "loaded", lambda: False)
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["torch", "kernel", "generic"])
+def draw_impl(request):
+    """`draw`'s implementations: the torch path, the kernel, the kernel built without AVX-512."""
+    if request.param == "torch":
+        return draw_torch
+    if not HAVE_CXX:
+        pytest.skip("the C++ kernels need a compiler")
+    if request.param == "kernel":
+        assert kernels.load(), kernels._state.get("error")
+        return torch.ops.nanoseek.sample_rows
+    torch.ops.load_library(str(kernels.build(("NANOSEEK_GENERIC", "NANOSEEK_OPS=nanoseek_generic"))))
+    return torch.ops.nanoseek_generic.sample_rows
 
 PROBS = torch.tensor([0.06, 0.4, 0.1, 0.25, 0.04, 0.15])     # ranked: 1, 3, 5, 2, 0, 4
 LOGITS = PROBS.log()
@@ -21,7 +53,7 @@ def support(row: torch.Tensor) -> set[int]:
     return set(torch.isfinite(row).nonzero().flatten().tolist())
 
 
-def test_greedy_is_argmax_whatever_the_filters():
+def test_greedy_is_argmax_whatever_the_filters(path):
     logits = torch.randn(6, 50)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, top_k=3, top_p=0.2, min_p=0.9),
               SamplingParams(temperature=1e-6), SamplingParams(temperature=0.0, seed=3),
@@ -31,7 +63,7 @@ def test_greedy_is_argmax_whatever_the_filters():
     assert logprobs == [None] * 6
 
 
-def test_sample_leaves_the_logits_alone():
+def test_sample_leaves_the_logits_alone(path):
     logits = torch.randn(3, 20)
     before = logits.clone()
     sample(logits, states_for(SamplingParams(repetition_penalty=1.5, top_k=2), SamplingParams(),
@@ -66,7 +98,7 @@ def test_filters_are_per_row_in_one_batch():
     assert [support(row) for row in processed] == [{1, 3, 5}, set(range(6)), {1, 3}, {1, 3, 5}, set(range(6))]
 
 
-def test_draws_follow_the_filtered_distribution():
+def test_draws_follow_the_filtered_distribution(path):
     rows = 6000
     params = SamplingParams(top_k=4)
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +137,7 @@ def test_counts_made_late_include_earlier_tokens():
 
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
-def test_min_tokens_bans_eos_and_stop_token_ids_until_reached(ignore_eos):
+def test_min_tokens_bans_eos_and_stop_token_ids_until_reached(path, ignore_eos):
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0]])   # eos 9 > stop id 8 > 7
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8], ignore_eos=ignore_eos)
     state = SamplerState(params, [], 10, eos_token_ids=[9])
@@ -143,7 +175,7 @@ def other_rows(n):
     return [SamplerState(kinds[i % len(kinds)], [4, 5], 500) for i in range(n)]
 
 
-def test_a_seeded_request_ignores_the_rest_of_the_batch():
+def test_a_seeded_request_ignores_the_rest_of_the_batch(path):
     target_logits = torch.randn(12, 500, generator=torch.Generator().manual_seed(1)) * 2
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234, presence_penalty=0.3)
     alone = run_target(target_logits, params)
@@ -153,7 +185,7 @@ def test_a_seeded_request_ignores_the_rest_of_the_batch():
         assert crowded == alone
 
 
-def test_seeds_decide_the_draws():
+def test_seeds_decide_the_draws(path):
     target_logits = torch.zeros(20, 500)
     first = run_target(target_logits, SamplingParams(seed=1))
     assert run_target(target_logits, SamplingParams(seed=1)) == first
@@ -162,7 +194,7 @@ def test_seeds_decide_the_draws():
     assert second_sample.seed == 2
 
 
-def test_unseeded_rows_follow_the_engine_generator():
+def test_unseeded_rows_follow_the_engine_generator(path):
     def draw(seed):
         generator = torch.Generator().manual_seed(seed)
         return sample(torch.zeros(4, 500), states_for(*[SamplingParams()] * 4), generator)[0]
@@ -170,7 +202,7 @@ def test_unseeded_rows_follow_the_engine_generator():
     assert draw(0) == draw(0) != draw(1)
 
 
-def test_logprobs_are_log_softmax_of_the_raw_logits():
+def test_logprobs_are_log_softmax_of_the_raw_logits(path):
     logits = torch.randn(4, 100) * 3
     params = [SamplingParams(logprobs=5, temperature=0.7, repetition_penalty=1.5, top_k=10),
               SamplingParams(logprobs=0, seed=0), SamplingParams(), SamplingParams(logprobs=20, temperature=0)]
@@ -217,3 +249,135 @@ def test_states_check_the_vocabulary():
         sample(torch.zeros(1, 10), [SamplerState(SamplingParams(stop_token_ids=[10]), [], 10)])
     with pytest.raises(ValueError, match="sampler states"):
         sample(torch.zeros(2, 10), [SamplerState(SamplingParams(), [], 10)])
+
+
+def reference_draw(x, temperature, top_k, top_p, min_p, uniform):
+    """Row by row the straightforward way: stable-sort the whole row, filter it, float64 probabilities,
+    inverse CDF in token-id order. -> (tokens, kept) lists."""
+    tokens, kept = [], []
+    V = x.shape[1]
+    for row, t, k, p, m, u in zip(x.float(), temperature, top_k.tolist(), top_p.tolist(), min_p.tolist(),
+                                  uniform.tolist()):
+        if t <= 0:
+            tokens.append(int(row.argmax()))
+            kept.append(1)
+            continue
+        values, order = (row / t).sort(descending=True, stable=True)        # float32 s, as both paths
+        keep = torch.ones(V, dtype=torch.bool)
+        if 0 < k < V:
+            keep &= values >= values[k - 1]                                  # ties with the k-th stay
+        weight = (values - values[0]).double().exp() * keep
+        if p < 1:
+            keep &= weight.cumsum(0) - weight < p * weight.sum()            # mass before < top_p
+            keep[0] = True
+        if m > 0:
+            keep &= values >= values[0] + torch.tensor(math.log(m), dtype=torch.float32)
+        keep &= values - values[0] >= NO_WEIGHT
+        probs = torch.zeros(V, dtype=torch.float64)
+        probs[order[keep]] = weight[keep]
+        cdf = probs.cumsum(0)
+        tokens.append(int(torch.searchsorted(cdf, torch.tensor([u * cdf[-1].item()]), right=True)))
+        kept.append(int(keep.sum()))
+    return tokens, kept
+
+
+def random_filters(R, V, generator, greedy_every=7):
+    temperature = torch.rand(R, generator=generator) * 1.5 + 0.05
+    temperature[::greedy_every] = 0.0
+    top_k = torch.randint(-1, 60, (R,), generator=generator)
+    top_k[::5] = V + 3                                                       # larger than V: all
+    top_k[1::9] = 0
+    top_k[2::11] = 1
+    top_p = torch.rand(R, generator=generator).clamp(0.05, 1.0)
+    top_p[::4] = 1.0
+    min_p = torch.rand(R, generator=generator) * 0.3
+    min_p[::2] = 0.0
+    uniform = torch.rand(R, dtype=torch.float64, generator=generator)
+    return temperature, top_k, top_p, min_p, uniform
+
+
+@functools.cache
+def reference_case(kind: str, dtype: torch.dtype):
+    """Logits of one kind, random filters, and the reference's (tokens, kept), made once per case."""
+    g = torch.Generator().manual_seed(sum(map(ord, kind)))
+    R, V = 64, 3000                                   # V % 16 != 0: the vector loops' tails
+    x = torch.randn(R, V, generator=g) * torch.linspace(0.5, 6, R)[:, None]
+    if kind == "ties":
+        x = (x * 2).round() / 2                       # many equal logits, at every cut
+    elif kind == "flat":
+        x = x * 0.02                                  # top-p keeps thousands: the deepest levels
+    elif kind == "peaked":
+        x[:, 7] += 40                                 # one token holds nearly all the mass
+    elif kind == "banned":
+        x[:, ::3] = float("-inf")                     # min_tokens bans: never drawn
+    x = x.to(dtype)
+    filters = random_filters(R, V, g)
+    return x, filters, reference_draw(x, *filters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "ties", "flat", "peaked", "banned"])
+def test_draw_matches_the_full_sort_reference(draw_impl, dtype, kind):
+    x, filters, (ref_tokens, ref_kept) = reference_case(kind, dtype)
+    tokens, kept = draw_impl(x, *filters)
+    assert tokens.tolist() == ref_tokens
+    assert kept.tolist() == ref_kept
+    if kind == "banned":
+        assert all(t % 3 for t in ref_tokens)
+
+
+def test_draw_matches_the_reference_at_full_vocabulary_size(draw_impl):
+    g = torch.Generator().manual_seed(3)
+    R, V = 8, 49152                                   # SmolLM2's vocabulary
+    x = (torch.randn(R, V, generator=g) * 2.5).bfloat16()
+    filters = random_filters(R, V, g, greedy_every=5)
+    filters[2][:] = 0.95                              # the R1 protocol's top-p on every row
+    assert [t.tolist() for t in draw_impl(x, *filters)] == list(reference_draw(x, *filters))
+
+
+def test_kernel_and_torch_path_sample_the_same_tokens(monkeypatch):
+    """A mixed batch through `sample` for several steps: greedy and random rows, seeded and not,
+    penalties, a min_tokens ban, logprobs; the same tokens and logprobs either way."""
+    if not (HAVE_CXX and kernels.load()):
+        pytest.skip("the C++ kernels need a compiler")
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6, top_p=0.95, seed=1),
+             SamplingParams(temperature=0.6, top_p=0.95, seed=1), SamplingParams(top_k=5, min_p=0.05),
+             SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+             SamplingParams(temperature=0.0, repetition_penalty=1.5), SamplingParams(min_tokens=3, logprobs=3),
+             SamplingParams(top_k=100, top_p=0.5, seed=7, logprobs=0)]
+
+    def run(use_kernel):
+        monkeypatch.setattr(kernels, "loaded", lambda: use_kernel)
+        g = torch.Generator().manual_seed(0)
+        states = [SamplerState(p, [1, 2, 3, 40], 700, eos_token_ids=[5], index=i) for i, p in enumerate(kinds)]
+        shared = torch.Generator().manual_seed(11)
+        steps = []
+        for _ in range(6):
+            logits = (torch.randn(len(states), 700, generator=g) * 3).bfloat16()
+            logits[:, 5] = 20.0                                   # EOS: banned only for min_tokens
+            tokens, logprobs = sample(logits, states, shared)
+            for state, token in zip(states, tokens):
+                state.append(token)
+            steps.append((tokens, logprobs))
+        return steps
+
+    assert run(True) == run(False)
+
+
+def test_penalty_tensors_grow_past_their_first_capacity():
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0)
+    state = SamplerState(params, prompt_ids=[0], vocab_size=100)
+    logits = torch.linspace(-1, 1, 100)[None]
+    process_logits(logits, [state])                               # device tensors made, 16 slots
+    with torch.inference_mode():
+        for token in [*range(10, 50), 10, 10]:
+            state.append(token)
+    processed = process_logits(logits, [state])[0]
+    counts = torch.zeros(100)
+    counts[10:50] = 1
+    counts[10] = 3
+    seen = counts > 0
+    seen[0] = True
+    expected = torch.where(seen, torch.where(logits[0] > 0, logits[0] / 2.0, logits[0] * 2.0), logits[0])
+    expected -= 0.5 * counts + 0.25 * (counts > 0)
+    assert torch.allclose(processed, expected)

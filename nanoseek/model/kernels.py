@@ -11,11 +11,13 @@
   the same integers, through oneDNN's u8 x s8 kernel on a weight reordered once into oneDNN's
   blocked layout (`pack_int8`) instead of torch._int_mm on the plain (N, K) weight. Used for
   decode rows up to quant.PACKED_ROWS, where it measured ~16% faster.
+- sampling (csrc/sampling.cpp): temperature / top-k / top-p / min-p and the draw for a batch of
+  rows without sorting the vocabulary, the engine's `sample` on the CPU (engine/sampling.py).
 
 Built with the C++ compiler torch.compile already needs (`c++`, or $CXX), against torch's headers,
 into ~/.cache/nanoseek/kernels (or $NANOSEEK_CACHE/kernels) under a hash of the sources, torch's
-version and the CPU's flags; about 20 s the first time. Without a compiler, or with
-NANOSEEK_KERNELS=0, `load` returns False and the model keeps its torch paths.
+version and the CPU's flags; about a minute the first time, announced on stderr. Without a
+compiler, or with NANOSEEK_KERNELS=0, `load` returns False and the model keeps its torch paths.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +72,10 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # The first build takes a minute or so: say so, instead of a silent wait inside the first LLM(...)
+    print(f"nanoseek: building the C++ kernels for this CPU and torch {torch.__version__} (once; cached in "
+          f"{target.parent}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:      # concurrent builds each rename whole
         out = Path(tmp) / target.name
         done = subprocess.run([compiler, *map(str, SOURCES), "-o", str(out), *flags], capture_output=True, text=True,
@@ -75,6 +83,7 @@ def build(defines: tuple[str, ...] = ()) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"compiling nanoseek's C++ kernels failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)
+    print(f"nanoseek: C++ kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return target
 
 
