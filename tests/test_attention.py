@@ -113,3 +113,22 @@ def test_absorbed_mla_decode_takes_the_kernel_and_agrees_with_the_matmul_path(mo
         slow = attn.attend_absorbed(q_nope, q_pe, latent, mask)
     assert calls == [1] and fast.shape == slow.shape == (3, 1, cfg.n_heads, cfg.v_head_dim)
     assert (fast - slow).abs().max() < 1e-5
+
+
+def test_training_attention_with_unequal_head_sizes_matches_sdpa():
+    """MLA's no-cache path on the CPU (Dv != Dqk) runs two matmuls instead of SDPA's math fallback:
+    same output and same gradients, in float32 and bf16."""
+    from nanoseek.model.attention import _attend
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k = torch.randn(2, 3, 9, 12, dtype=dtype), torch.randn(2, 3, 9, 12, dtype=dtype)
+        v, grad = torch.randn(2, 3, 9, 8, dtype=dtype), torch.randn(2, 3, 9, 8, dtype=dtype)
+        results = []
+        for attend in (_attend, lambda q, k, v, s: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=s)):
+            inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            out = attend(*inputs, 0.3)
+            out.backward(grad)
+            results.append([out.detach()] + [t.grad for t in inputs])
+        for ours, theirs in zip(*results):
+            assert (ours.float() - theirs.float()).abs().max() <= tol * max(1.0, theirs.float().abs().max().item())

@@ -1,6 +1,7 @@
 import torch
 
-from nanoseek.model.moe import Gate, MoE, Routing, expert_load, sequence_balance_loss, update_expert_bias
+from nanoseek.model.moe import (Gate, MoE, Routing, expert_load, group_rows, padded_rows, sequence_balance_loss,
+                                 update_expert_bias)
 from nanoseek.model.presets import tiny_deepseek_v3
 
 
@@ -64,3 +65,33 @@ def test_balance_loss_has_gradient_to_gate():
     moe(torch.randn(2, 5, 64), routing)
     sequence_balance_loss(routing[0]).backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_padded_rows_example():
+    rows, padded = padded_rows(torch.tensor([0, 0, 0, 1]), torch.tensor([3, 1]), 2)
+    assert padded.tolist() == [4, 2] and rows.tolist() == [0, 1, 2, 4]
+    assert group_rows(4096, 8) == 128 and group_rows(4096, 16) == 64 and group_rows(8, 8) == 16
+
+
+def test_training_path_equals_inference_loop_with_gradients():
+    """With grad enabled (training) the MoE takes one grouped matmul over padded expert blocks; its
+    output and every gradient equal the per-expert loop's, in float32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    moe = _moe()
+    x = torch.randn(3, 37, 64)
+    for amp, tol in ((False, 1e-5), (True, 3e-2)):
+        results = []
+        for grouped in (True, False):
+            moe.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_(True)
+            moe._grouped = (lambda _x: True) if grouped else (lambda _x: False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = moe(xg)
+            (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results.append([y.detach().float(), xg.grad] + [p.grad.clone() for p in moe.parameters()])
+        del moe._grouped
+        for a, b in zip(*results):
+            assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
+    assert moe._grouped(x.requires_grad_(True))       # the real rule picks the grouped path when training
+    with torch.no_grad():
+        assert not moe._grouped(x)

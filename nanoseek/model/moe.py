@@ -8,8 +8,9 @@ h' = u + shared(u) + Σ_i g_i · expert_i(u), with g from the Gate:
   only*; the gate value stays s_i. A trainer nudges it with `update_expert_bias` after each step.
 - top-k gates optionally renormalised (`norm_topk_prob`) and scaled by `route_scale`.
 
-`MoE.forward` groups tokens by expert (one matmul per active expert); `forward_reference` is a
-plain per-token loop kept as the oracle. Routing is reported through an explicit `routing` list.
+`MoE.forward` groups tokens by expert: in training one grouped matmul covers every expert, at
+inference one matmul runs per active expert; `forward_reference` is a plain per-token loop kept
+as the oracle. Routing is reported through an explicit `routing` list.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+def group_rows(n_slots: int, n_experts: int) -> int:
+    """The multiple that training pads each expert's rows to: a quarter of the mean rows per expert,
+    a power of two in [16, 128] (512 mean rows -> 128, 256 -> 64); padding costs ~1/8 more routed FLOPs.
+
+    Why pad: bf16 matmuls on the CPU go through oneDNN, which builds and caches a kernel per shape.
+    With a new row count per expert every step, the small preset's RSS grew without bound (~25 MB a
+    step padded to 32 rows, ~90 MB unpadded; 2,048 tokens, 8 experts) and new shapes cost JIT
+    compiles; padded to 128 it stayed flat over 30 steps.
+    """
+    mean = max(n_slots // max(n_experts, 1), 1)
+    return min(128, max(16, 1 << max(mean.bit_length() - 3, 0)))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,28 +94,65 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
     def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
-        """x (B, T, D): tokens sorted by expert, one batched MLP call per expert that got tokens."""
+        """x (B, T, D): tokens sorted by expert, then every expert's rows in one grouped matmul (training)
+        or one batched MLP call per expert that got tokens (inference, quantized experts)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
         if routing is not None:
             routing.append(Routing(scores, indices, tuple(shape[:-1])))
-        K = indices.shape[1]
+        N, D, K = x.shape[0], x.shape[1], indices.shape[1]
         flat = indices.flatten()                                   # (N*K,) slot -> expert
-        order = flat.argsort(stable=True)
-        token_of = order // K                                      # sorted slot -> token
-        counts = torch.bincount(flat, minlength=self.n_routed_experts).tolist()
-        xs = x[token_of]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](xs[start:start + n]))
-                start += n
-        routed = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(x.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_of, routed)
+        order = flat.argsort(stable=True)                          # slots sorted by expert
+        counts = torch.bincount(flat, minlength=self.n_routed_experts)
+        gate_weights = weights.flatten()[order]
+        if self._grouped(x):
+            # each expert's rows padded (group_rows); pad rows read row N, a zero row appended to x, so
+            # their outputs are exactly 0 and their sums land in row N, dropped below
+            rows, counts = padded_rows(flat[order], counts, group_rows(N * K, self.n_routed_experts))
+            size = int(counts.sum())
+            token_of = torch.full((size,), N, dtype=order.dtype).index_copy(0, rows, order // K)
+            gate_weights = gate_weights.new_zeros(size).index_copy(0, rows, gate_weights)
+            # index_select, not x[token_of]: its backward is one index_add, advanced indexing's an index_put
+            # with accumulate (12 of ~95 ms of a MoE layer's forward + backward, small preset, 2,048 tokens)
+            xs = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token_of)
+            out = self._experts_grouped(xs, counts)
+        else:
+            token_of = order // K                                  # sorted slot -> token
+            xs = x.index_select(0, token_of)                       # (N*K, D) grouped by expert
+            # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
+            out = torch.cat([self.experts[e](part) for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
+        routed = out * gate_weights.unsqueeze(1).to(out.dtype)
+        y = x.new_zeros(N + 1, D).index_add_(0, token_of, routed.to(x.dtype))[:N]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Training on the CPU with plain float experts takes the grouped matmul. Inference keeps the
+        per-expert loop: a decode step reaches a few experts, and stacking every expert's weights
+        would copy them all (V3: 22 GB a layer). CUDA keeps the loop until the grouped path is
+        measured there (its grouped_mm wants bf16 and aligned shapes)."""
+        first = self.experts[0]
+        return (torch.is_grad_enabled() and x.device.type == "cpu" and hasattr(F, "grouped_mm")
+                and first.w13 is None and type(first.w1) is nn.Linear)
+
+    def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of every expert over its rows of xs (S, D), `counts[e]` rows each in expert order,
+        in two grouped matmuls.
+
+        The experts' weights are stacked per call, [w1; w3] as (E, 2I, D) and w2 as (E, D, I), cast to
+        the autocast dtype first (grouped_mm is not autocast-aware); their gradients flow back to each
+        expert's nn.Linear through the stack. One call sees all groups (offs: cumulative row counts,
+        int32): no per-expert Python, no slice per expert whose backward zero-fills every row.
+        """
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else xs.dtype
+        E, I = len(self.experts), self.experts[0].w1.out_features
+        w13 = torch.cat([w.to(dtype) for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, 2 * I, -1)
+        w2 = torch.stack([e.w2.weight.to(dtype) for e in self.experts])                    # (E, D, I)
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs.to(dtype), w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)   # (S, I) each
+        return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)               # (S, D)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The definition, token by token: y_t = shared(x_t) + Σ_k g_tk · expert_{i_tk}(x_t)."""
@@ -115,6 +166,18 @@ class MoE(nn.Module):
                 y = y + weights[t, k].to(x.dtype) * self.experts[int(indices[t, k])](x[t])
             rows.append(y)
         return torch.stack(rows).view(shape)
+
+
+def padded_rows(sorted_experts: torch.Tensor, counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each slot lands when every expert's block of rows is padded to a multiple of `multiple`.
+
+    sorted_experts (S,) the expert of each slot, in expert order; counts (E,) slots per expert.
+    Returns (row of each slot (S,), padded counts (E,)). Example: counts [3, 1], multiple 2 ->
+    padded [4, 2], rows [0, 1, 2, 4] (rows 3 and 5 are padding).
+    """
+    padded = (counts + multiple - 1) // multiple * multiple
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)    # padded start - packed start, per expert
+    return torch.arange(len(sorted_experts), device=counts.device) + shift[sorted_experts], padded
 
 
 def expert_load(routing: Routing, n_experts: int) -> torch.Tensor:
