@@ -47,7 +47,8 @@ def run_nanoseek(args) -> dict:
         cfg = GRPOConfig(model="smollm2-135m", task="arithmetic", task_knobs="digits=2,ops=+", out=out,
                          steps=args.warmup + args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr,
-                         beta=args.beta, eval_every=0, eval_size=1, save_every=10**6, template="chat")
+                         beta=args.beta, eval_every=0, eval_size=1, save_every=10**6, template="chat",
+                         rollout_dtype=args.rollout_dtype)
         main(cfg)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "rollout_s" in r][args.warmup:]
@@ -123,6 +124,7 @@ def main(argv=None, prog: str = "python -m bench.grpo") -> None:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--rollout-dtype", default="auto", help="nanoseek's rollout weights (GRPOConfig.rollout_dtype)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)

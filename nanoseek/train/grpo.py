@@ -109,6 +109,16 @@ def rollout_model(model: nn.Module, cfg: GRPOConfig, device: torch.device) -> nn
     return shadow.requires_grad_(False)
 
 
+def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -> int:
+    """KV blocks for the largest batch a step or an evaluation puts in flight, not the engine's 1 GB
+    default: a GRPO step holds P·G sequences of at most prompt + max_new_tokens tokens (the prompt's
+    blocks shared by its G samples), an evaluation `eval_size` greedy ones."""
+    from .rollout import prompt_ids
+    longest = max(len(prompt_ids(tokenizer, p.prompt, cfg.template)) for p in problems[:256])
+    per_seq = -(-(longest + cfg.max_new_tokens) // block_size) + 1
+    return int(1.25 * per_seq * max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size)) + 8
+
+
 @torch.no_grad()
 def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
     """Copy the updated weights into the rollout copy (its engine sees the change and drops its cache)."""
@@ -359,7 +369,8 @@ def main(cfg: GRPOConfig) -> None:
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)
     sampler = rollout_model(model, cfg, session.device)
-    llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed)    # shares the weights, or their bf16 copy
+    llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed,    # shares the weights, or their bf16 copy
+              num_blocks=rollout_blocks(cfg, train + held_out, tokenizer))
     run = {"cfg": cfg, "llm": llm, "state": state, "reference": reference, "rewards": reward_functions(cfg),
            "rollout_model": sampler,
            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)}
