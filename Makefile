@@ -1,13 +1,15 @@
-# Two entry points on a fresh machine: `make demo` (a streamed answer from the embedded model)
-# and `make test` (the whole suite). Both build .venv from scratch when needed.
+# Two entry points on a fresh machine: `make demo` (`nanoseek speedrun`: the embedded SmolLM2
+# evaluated, trained with GRPO, evaluated again, and its report card; <= 20 min on 2 CPU cores,
+# rerun to resume) and `make test` (the whole suite). Both build .venv from scratch when needed.
 # CPU machines pin torch==2.13.0; on a GPU machine: `make demo TORCH=torch` (a CUDA build).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= Explain in two sentences why the sky is blue.
+SPEEDRUN ?= runs/speedrun-cpu
 
-.PHONY: demo test install clean chromium
+.PHONY: demo chat test install clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	$(BIN)/nanoseek speedrun --preset cpu --out $(SPEEDRUN)
+
+# the former demo: one streamed answer from the embedded model
+chat: $(VENV)/.installed
 	$(BIN)/nanoseek chat --model smollm2-135m --max-tokens 200 --prompt "$(PROMPT)"
 
 # tests/test_web.py drives the chat page in Debian's chromium (skipped, saying why, without one)

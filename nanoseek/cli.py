@@ -6,6 +6,7 @@
     nanoseek convert fp8_folder out_folder --dtype bfloat16
     nanoseek serve --model smollm2-135m --port 8000     # OpenAI/DeepSeek-compatible API + web chat at /
     nanoseek eval --model smollm2-135m --data gsm8k_test.jsonl --samples 4   # R1's evaluation protocol
+    nanoseek speedrun --preset scratch                 # R1's recipe at laptop scale, then DIR/report.md
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .configs import add_config_args, arg, config_from_args
 from .server.config import ServeConfig
 from .eval import EvalConfig
 from .eval import main as eval_main
+from .speedrun import SpeedrunConfig
+from .speedrun import main as speedrun_main
 
 
 @dataclass
@@ -169,6 +172,8 @@ COMMANDS = {
     "convert": (ConvertConfig, convert_main, "GGUF -> HF safetensors, FP8 <-> bf16/fp32"),
     "serve": (ServeConfig, serve_main, "DeepSeek/OpenAI-compatible HTTP API and web chat page"),
     "eval": (EvalConfig, eval_main, "R1's protocol (pass@1 over k samples, cons@k, pass@k) on a model or endpoint"),
+    "speedrun": (SpeedrunConfig, speedrun_main, "R1's whole recipe at laptop scale (presets cpu, scratch), "
+                 "resumable, ending in DIR/report.md"),
 }
 
 

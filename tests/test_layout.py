@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoseek"
 # rank of each top-level part; a module may import only parts of lower or equal rank
 RANK = {"errors": 0, "configs": 0, "tokenizer": 0, "rewards": 0, "tasks": 0, "model": 1, "checkpoint": 1, "engine": 2,
-        "train": 3, "eval": 3, "server": 3, "report": 3, "cli": 9, "__init__": 9}
+        "train": 3, "eval": 3, "server": 3, "report": 3, "report_card": 3, "speedrun": 3, "cli": 9,
+        "__init__": 9}
 
 
 def _part(module: Path) -> str:
