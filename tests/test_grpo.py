@@ -16,9 +16,23 @@ from safetensors.torch import load_file
 from nanoseek.model import Transformer
 from nanoseek.model.presets import tiny_llama
 from nanoseek.train.bpe import padded_vocab, train_bpe
-from nanoseek.train.grpo import (GRPOConfig, GRPOLoss, PromptCursor, apply_preset, completion_logprobs, main,
-                                 parse_knobs, sequence_logprobs)
-from nanoseek.train.losses import IGNORE, group_advantages, grpo_loss_sums, k3_kl, signal_groups, token_logprobs
+from nanoseek.train.grpo import (
+    GRPOConfig,
+    GRPOLoss,
+    PromptCursor,
+    apply_preset,
+    completion_logprobs,
+    main,
+    parse_knobs,
+    sequence_logprobs,
+)
+from nanoseek.train.losses import (
+    IGNORE,
+    group_advantages,
+    grpo_loss_sums,
+    k3_kl,
+    signal_groups,
+)
 from nanoseek.train.rollout import Group, training_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +143,7 @@ def test_resume_replays_the_uninterrupted_run_bit_for_bit(tiny, tmp_path):
         a = load_file(str(tmp_path / "a/checkpoints/step_00000004" / name))
         b = load_file(str(tmp_path / "b/checkpoints/step_00000004" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    strip = lambda recs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]
     assert strip(_records(tmp_path / "a")) == strip(_records(tmp_path / "b"))
 
 

@@ -189,10 +189,6 @@ def _speedrun_command(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="GRPO on a MoE policy with MTP layers: GRPOLoss hands over the main layers' routings "
-                          "only and loop._accumulate raises '2 routings for 3 MoE gates' (reported to the lead; "
-                          "passes in 70 s with that check accepting the main-layer routings)")
 def test_shortened_scratch_speedrun_interrupted_and_resumed(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

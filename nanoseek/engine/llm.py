@@ -164,8 +164,10 @@ class LLM:
 
     # ------------------------------------------------------------------ batch API
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion under continuous batching; outputs in prompt order."""
+                 use_tqdm: bool | str = False) -> list[RequestOutput]:
+        """Run every prompt to completion under continuous batching; outputs in prompt order.
+
+        use_tqdm: a progress bar on stderr counting finished prompts (a string names the bar)."""
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
         params = sampling_params or SamplingParams()
@@ -177,10 +179,16 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 out = self.add_request(prompt, p)
                 requests[out.request_id] = out
+            bar = _progress(len(requests), use_tqdm)
             while self.engine.has_unfinished():
                 for step in self.engine.step():
                     if step.request_id in requests:
-                        self.apply(requests[step.request_id], step)
+                        out = requests[step.request_id]
+                        self.apply(out, step)
+                        if bar is not None and out.finished:
+                            bar.update(1)
+            if bar is not None:
+                bar.close()
         except BaseException:
             for request_id in requests:                  # leave the engine empty, whatever happened
                 self.engine.abort(request_id)
@@ -215,3 +223,10 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+
+def _progress(total: int, use_tqdm: bool | str):
+    if not use_tqdm:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=use_tqdm if isinstance(use_tqdm, str) else "generate", dynamic_ncols=True)

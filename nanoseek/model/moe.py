@@ -31,6 +31,7 @@ class Routing:
     scores: torch.Tensor    # (N, E) affinities s (softmax or sigmoid), float32, with grad
     indices: torch.Tensor   # (N, K) selected experts
     batch_shape: tuple      # (B, T)
+    gate: nn.Module | None = None   # the Gate that routed them: whose bias this load balances
 
 
 class Gate(nn.Module):
@@ -100,7 +101,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
         if routing is not None:
-            routing.append(Routing(scores, indices, tuple(shape[:-1])))
+            routing.append(Routing(scores, indices, tuple(shape[:-1]), self.gate))
         N, D, K = x.shape[0], x.shape[1], indices.shape[1]
         flat = indices.flatten()                                   # (N*K,) slot -> expert
         order = flat.argsort(stable=True)                          # slots sorted by expert

@@ -25,7 +25,9 @@ from .config import PRESETS, SpeedrunConfig, cpu, resolve, scratch
 
 def main(cfg: SpeedrunConfig) -> dict:
     """Run (or resume) the speedrun `cfg` describes; returns the report card's path and headline."""
-    from .run import main as run_main     # the stages import the training code: only when running
+    from .run import (
+        main as run_main,  # the stages import the training code: only when running
+    )
     return run_main(cfg)
 
 

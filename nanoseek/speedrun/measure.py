@@ -29,7 +29,6 @@ from ..eval.records import problem_seed
 from ..report import rollout_flops
 from ..rewards import extract_answer, is_correct
 from ..tasks.corpus import DOCUMENT
-from ..train.metrics import progress
 from ..train.rollout import completion_text, prompt_ids
 
 # A base model pretrained on the synthetic corpus knows only its documents' layout, not R1-Zero's
@@ -67,28 +66,6 @@ def _params(samples: int, max_tokens: int, seed: int, template: str) -> Sampling
                           include_stop_str_in_output=True)
 
 
-def _run(llm: LLM, prompts: list[dict], params: list[SamplingParams], label: str) -> list:
-    """All requests under continuous batching, a progress bar per finished request."""
-    bar = progress(len(prompts), 0, True, label)
-    requests = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
-    by_id, done = {r.request_id: r for r in requests}, 0
-    try:
-        while llm.engine.has_unfinished():
-            for step in llm.engine.step():
-                if step.request_id in by_id:
-                    llm.apply(by_id[step.request_id], step)
-            now = sum(r.finished for r in requests)
-            bar.update(now - done)
-            done = now
-    except BaseException:
-        for r in requests:
-            llm.engine.abort(r.request_id)
-        raise
-    finally:
-        bar.close()
-    return requests
-
-
 def evaluate(llm: LLM, problems: list, template: str, samples: int, max_tokens: int, seed: int,
              out: str | Path, label: str = "eval") -> dict:
     """pass@1 (95% interval), cons@k, tokens and seconds on `problems`; every sample to `out` (JSONL)."""
@@ -97,7 +74,7 @@ def evaluate(llm: LLM, problems: list, template: str, samples: int, max_tokens: 
     started = time.perf_counter()
     prompts = [{"prompt_token_ids": ask(llm.tokenizer, p.prompt, template)} for p in problems]
     params = [_params(samples, max_tokens, problem_seed(seed, p.id), template) for p in problems]
-    requests = _run(llm, prompts, params, label)
+    requests = llm.generate(prompts, params, use_tqdm=label)
     scores, rows = [], []
     generated = truncated = 0
     for problem, request in zip(problems, requests):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..tasks import load_task
 from .config import SpeedrunConfig, real_set
@@ -100,8 +100,8 @@ def speed_stage(ctx: Context, folder: Path) -> dict:
 
 def pipeline(cfg: SpeedrunConfig) -> list[Stage]:
     """The stages of a preset, in order."""
-    base = lambda ctx: ctx.cfg.model                                           # noqa: E731
-    at = lambda stage: (lambda ctx: str(ctx.run / stage / "latest"))           # noqa: E731
+    base = lambda ctx: ctx.cfg.model
+    at = lambda stage: (lambda ctx: str(ctx.run / stage / "latest"))
     if cfg.preset == "cpu":
         return [Stage("eval_base", f"{cfg.model} (before)", eval_stage(base)),
                 Stage("grpo", "GRPO", grpo_stage), Stage("eval_grpo", "after GRPO", eval_stage(at("grpo"))),

@@ -208,8 +208,8 @@ def grpo_flops(model, steps: list[dict], g, prompt_len: float) -> dict:
 
 def distill_stage(ctx, folder: Path) -> dict:
     """R1-Distill (§2.4): the GRPO model's verified samples -> SFT of a small dense student."""
-    from ..train import distill
     from ..engine.llm import LLM
+    from ..train import distill
     cfg, teacher = ctx.cfg, ctx.run / "grpo" / "latest"
     task, knobs, template, max_new = task_of(cfg)
     summary_file = folder / distill.SUMMARY_FILE

@@ -122,29 +122,6 @@ def verified_rows(problem: Problem, question: str, completions: list[tuple[str, 
     return rows, counts
 
 
-def _draw(llm: LLM, prompts: list[dict], params: list[SamplingParams]) -> list:
-    """Every prompt's samples under continuous batching, with a progress bar per finished problem."""
-    from .metrics import progress
-    bar = progress(len(prompts), 0, True, "rejection sampling")
-    requests = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
-    by_id, done = {r.request_id: r for r in requests}, 0
-    try:
-        while llm.engine.has_unfinished():
-            for step in llm.engine.step():
-                if step.request_id in by_id:
-                    llm.apply(by_id[step.request_id], step)
-            now = sum(r.finished for r in requests)
-            bar.update(now - done)
-            done = now
-    except BaseException:
-        for r in requests:
-            llm.engine.abort(r.request_id)
-        raise
-    finally:
-        bar.close()
-    return requests
-
-
 def rejection_sample(teacher: LLM | str, problems: list[Problem], out: str | Path, *, samples: int = 4,
                      temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256,
                      keep_per_prompt: int = 0, instruction: str = "", seed: int = 0,
@@ -172,7 +149,7 @@ def rejection_sample(teacher: LLM | str, problems: list[Problem], out: str | Pat
     prompts = [llm.chat_prompt(c) for c in conversations]
     params = [SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                              seed=problem_seed(seed, p.id)) for p in problems]
-    requests = _draw(llm, prompts, params)
+    requests = llm.generate(prompts, params, use_tqdm="rejection sampling")
     rows, totals = [], {"correct": 0, "truncated": 0, "duplicates": 0, "over_cap": 0}
     generated = 0
     for problem, question, conversation, request in zip(problems, questions, conversations, requests):

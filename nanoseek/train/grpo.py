@@ -34,12 +34,19 @@ from ..configs import arg
 from ..engine.sampling import SamplingParams
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
-from .losses import IGNORE, group_advantages, grpo_loss_sums, signal_groups, token_entropy, token_logprobs
-from .loop import TrainState, train_step, start
+from .loop import TrainState, start, train_step
+from .losses import (
+    IGNORE,
+    group_advantages,
+    grpo_loss_sums,
+    signal_groups,
+    token_entropy,
+    token_logprobs,
+)
 from .metrics import MetricsLog, progress
 from .optim import build_optimizer
 from .rollout import TEMPLATES, rollout, score, training_rows
-from .state import load_optimizer_tensors, read_training_state, save_checkpoint, set_rng_state
+from .state import save_checkpoint
 
 
 @dataclass
@@ -344,7 +351,7 @@ def grpo_step(run: dict, problems, step: int) -> dict:
 def main(cfg: GRPOConfig) -> None:
     from ..checkpoint import load
     from ..engine.llm import LLM
-    from .run import replica_checksums, resume_point
+    from .run import replica_checksums, restore, resume_point
     cfg = apply_preset(cfg)
     if cfg.group_size < 2:
         raise ValueError("group_size must be >= 2: GRPO's baseline is the group mean")
@@ -362,9 +369,7 @@ def main(cfg: GRPOConfig) -> None:
     cursor = PromptCursor(len(train), cfg.prompts_per_step, cfg.seed, session.rank, session.world_size)
     log, step = MetricsLog(cfg.out, enabled=session.main), 0
     if resume_from is not None:
-        saved, opt_tensors, rng_tensors = read_training_state(resume_from)
-        load_optimizer_tensors(state.optimizer, opt_tensors, saved["optimizer"])
-        set_rng_state(rng_tensors, saved["rng"])
+        saved = restore(resume_from, state.optimizer, session)
         cursor.load_state_dict(saved["cursor"])
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)

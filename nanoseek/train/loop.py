@@ -172,7 +172,7 @@ class TrainState:
 
 
 def moe_gates(model: nn.Module) -> list:
-    """Every MoE gate in forward order (main layers, then MTP blocks): one Routing each per forward."""
+    """Every MoE gate of the model (main layers, then MTP blocks): the loads the bias rule balances."""
     return [m.gate for m in model.modules() if isinstance(m, MoE)]
 
 
@@ -215,7 +215,8 @@ def _unflatten(names: list[str], values: list[float]) -> dict:
 
 def _accumulate(state: TrainState, batches: list[dict], counts: list[int], loads: torch.Tensor) -> dict:
     """Forward + backward of every micro-batch; returns the summed metrics (over micro-batches and ranks)."""
-    session, gates = state.session, moe_gates(state.model)
+    session = state.session
+    slot = {id(g): i for i, g in enumerate(moe_gates(state.model))}
     totals, names = None, None
     for i, batch in enumerate(batches):
         batch = {k: v.to(session.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -228,11 +229,9 @@ def _accumulate(state: TrainState, batches: list[dict], counts: list[int], loads
             loss.backward()
         names, values = _flatten({"objective": loss.detach() / session.world_size, **stats["metrics"]})
         totals = torch.stack(values) if totals is None else totals + torch.stack(values)
-        routed = stats["routing"]
-        if gates and len(routed) != len(gates):
-            raise RuntimeError(f"{len(routed)} routings for {len(gates)} MoE gates: the forward skipped a layer")
-        for g, r in enumerate(routed):
-            loads[g] += expert_load(r, loads.shape[1]).to(loads.device)
+        # a forward reports the gates it ran (GRPO runs no MTP block): their load, by gate, not by position
+        for r in stats["routing"]:
+            loads[slot[id(r.gate)]] += expert_load(r, loads.shape[1]).to(loads.device)
     _all_reduce(totals, session)
     _all_reduce(loads, session)
     return _unflatten(names, totals.tolist())

@@ -16,7 +16,6 @@ KL follow in their own sections; nothing here knows about optimisers or models.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..model.moe import Routing, sequence_balance_loss
 

@@ -18,6 +18,7 @@ Templates (`--template`):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -70,8 +71,7 @@ def rollout(llm, problems, template: str, group_size: int, params: SamplingParam
     """
     groups = [Group(p, prompt_ids(llm.tokenizer, p.prompt, template)) for p in problems]
     requests = [{"prompt_token_ids": g.prompt_ids} for g in groups]
-    per_request = [SamplingParams(**{**vars(params), "n": group_size, "seed": seed + i * group_size})
-                   for i in range(len(groups))]
+    per_request = [dataclasses.replace(params, n=group_size, seed=seed + i * group_size) for i in range(len(groups))]
     for group, out in zip(groups, llm.generate(requests, per_request)):
         for sample in out.outputs:
             group.completions.append(completion_text(sample.text, template))

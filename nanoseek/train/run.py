@@ -26,7 +26,13 @@ import torch.distributed as dist
 from .loop import Session, TrainConfig, TrainState, measure_peak_flops, train_step
 from .metrics import TRAIN_PLOTS, MetricsLog, progress
 from .optim import build_optimizer
-from .state import latest_checkpoint, load_optimizer_tensors, read_training_state, save_checkpoint, set_rng_state
+from .state import (
+    latest_checkpoint,
+    load_optimizer_tensors,
+    read_training_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -40,6 +46,18 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     if found is not None or (out / "metrics.jsonl").exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     return None
+
+
+def restore(resume_from: Path, optimizer, session: Session) -> dict:
+    """AdamW's moments and every RNG from a checkpoint; returns its state.json for the stage's own
+    counters and cursor. The world size must match (data cursors and DDP shards assume it)."""
+    saved, opt_tensors, rng_tensors = read_training_state(resume_from)
+    if saved.get("world_size", 1) != session.world_size:
+        raise ValueError(f"{resume_from} was written by {saved.get('world_size', 1)} process(es); "
+                         f"resume it with the same number (got {session.world_size})")
+    load_optimizer_tensors(optimizer, opt_tensors, saved["optimizer"])
+    set_rng_state(rng_tensors, saved["rng"])
+    return saved
 
 
 def _barrier(session: Session) -> None:
@@ -58,12 +76,7 @@ def fit(cfg: TrainConfig, session: Session, model, tokenizer, loader, stage: str
     state = TrainState(model, optimizer, cfg, session, loss_model=loss_model)
     log = MetricsLog(cfg.out, enabled=session.main)
     if resume_from is not None:
-        saved, opt_tensors, rng_tensors = read_training_state(resume_from)
-        if saved.get("world_size", 1) != session.world_size:
-            raise ValueError(f"{resume_from} was written by {saved.get('world_size', 1)} process(es); "
-                             f"resume it with the same number (got {session.world_size})")
-        load_optimizer_tensors(optimizer, opt_tensors, saved["optimizer"])
-        set_rng_state(rng_tensors, saved["rng"])
+        saved = restore(resume_from, optimizer, session)
         loader.load_state_dict(saved["data"])
         state.step, state.skipped_steps, state.tokens_seen = saved["step"], saved["skipped_steps"], saved["tokens_seen"]
         log.truncate_after(state.step)
