@@ -113,7 +113,7 @@ class NanoseekRunner:
     def __init__(self, model: str, dtype: str, quantization: str | None = None, compile: bool = False):
         from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
         # CPU like the peers, even where CUDA is available; options only when asked (older LLMs lack them)
-        extra = {"quantization": quantization} if quantization else {}
+        extra = {"quantization": quantization} if quantization not in (None, "auto") else {}
         extra.update({"compile": True} if compile else {})
         self.make, self.params = (lambda: LLM(model, dtype=dtype, device="cpu", **extra)), SamplingParams
         start = time.perf_counter()
@@ -122,7 +122,8 @@ class NanoseekRunner:
                         f"{time.perf_counter() - start:.0f} s, not counted in any measurement."]
         weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
         self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
-        self.weights += f" + {quantization} linears" if quantization else ""
+        chosen = getattr(self.llm, "quantization", quantization)     # what "auto" resolved to
+        self.weights += f" + {chosen} linears" if chosen not in (None, "auto", "none") else ""
         self.weights += ", compiled" if compile else ""
 
     def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
@@ -428,8 +429,9 @@ def parse_args(argv, prog: str):
     p.add_argument("--model", default="smollm2-135m", help="built-in name or .gguf file (the peers need a GGUF)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens, 1 and 4 concurrent, no repeats")
     p.add_argument("--peers", default="transformers,llama.cpp", help="comma list of transformers, llama.cpp (or none)")
-    p.add_argument("--dtype", default="bfloat16", help="nanoseek's weight dtype")
-    p.add_argument("--quantization", default=None, help="nanoseek's quantization: int8 (W8A8) | int4 (weights)")
+    p.add_argument("--dtype", default="auto", help="nanoseek's weight dtype (auto: LLM's default)")
+    p.add_argument("--quantization", default="auto",
+                   help="nanoseek's quantization: auto (LLM's default) | none | int8 (W8A8) | int4 (weights)")
     p.add_argument("--compile", action="store_true", help="torch.compile nanoseek's forward (warm-up not timed)")
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="transformers' weight dtypes, comma list")
     p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")

@@ -39,7 +39,9 @@ class GenerateConfig:
     seed: int | None = arg(None, "sampling seed")
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
-    quantization: str | None = arg(None, "int8 (weights and activations) | int4 (weights): CPU kernels")
+    quantization: str = arg("auto", "auto (int4 for a 4-bit GGUF on the CPU, else none) | none | int4 (weights) | "
+                                    "int8 (weights and activations): CPU kernels",
+                            choices=["auto", "none", "int4", "int8"])
     compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
 
 

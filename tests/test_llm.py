@@ -85,3 +85,47 @@ def test_speculative_decoding_through_the_facade(llm):
     assert a.token_ids == b.token_ids and a.text == b.text
     assert b.num_draft_tokens > 0 and 0.0 <= b.acceptance_rate <= 1.0
     assert a.acceptance_rate is None
+
+
+# ---------------------------------------------------------------- the default configuration (issue 11)
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from test_gguf import write_tiny_gguf  # noqa: E402
+
+from nanoseek.engine.llm import _default_quantization  # noqa: E402
+from nanoseek.model.quant import QuantLinear  # noqa: E402
+
+
+@pytest.mark.parametrize("qtype, dtype, expected", [
+    (Q.Q4_1, "bfloat16", "int4"), (Q.Q4_0, "bfloat16", "int4"), (Q.Q4_K, "bfloat16", "int4"),
+    (Q.Q8_0, "bfloat16", None), (Q.F16, "bfloat16", None), (Q.F32, "bfloat16", None),
+    (Q.Q4_1, "float32", None)])            # the int4 kernels compute in bfloat16: float32 stays exact
+def test_auto_quantization_follows_the_gguf_weights(tmp_path, qtype, dtype, expected):
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_tiny_gguf(path, qtype)
+    assert _default_quantization(str(path), "cpu", dtype, "auto")[0] == expected
+    assert _default_quantization(str(path), "cuda", dtype, "auto")[0] is None
+    assert _default_quantization(str(path), "cpu", dtype, "none")[0] is None      # the opt-out
+    assert _default_quantization(str(path), "cpu", dtype, "int8")[0] == "int8"
+
+
+def test_auto_keeps_float_folders_and_model_objects(tmp_path):
+    from nanoseek.model import Transformer
+    from nanoseek.model.presets import tiny_llama
+    model = Transformer(tiny_llama())
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert _default_quantization(str(tmp_path / "bf16"), "cpu", "bfloat16", "auto")[0] is None
+    assert _default_quantization(model, "cpu", "bfloat16", "auto") == (None, "a model object is never quantised unasked")
+    with pytest.raises(ValueError, match="auto | none | int4 | int8"):
+        _default_quantization(model, "cpu", "bfloat16", "fp8")
+
+
+def test_default_llm_runs_the_q4_gguf_on_int4_and_says_so(capsys):
+    llm = LLM("smollm2-135m", dtype="bfloat16", num_blocks=64)
+    assert isinstance(llm.model.head, QuantLinear) and isinstance(llm.model.layers[0].attn.wqkv, QuantLinear)
+    printed = capsys.readouterr().err
+    assert printed.count("nanoseek: smollm2-135m: bfloat16 on cpu, int4 linears (the GGUF's own Q4_1 weights)") == 1
+    assert "eager" in printed and "C++ kernels" in printed
+    out = llm.generate(["What is 12 + 30?"], SamplingParams(max_tokens=8))[0]
+    assert len(out.token_ids) == 8 or out.finish_reason == "stop"
+    plain = LLM("smollm2-135m", dtype="bfloat16", quantization="none", num_blocks=64, verbose=False)
+    assert not isinstance(plain.model.head, QuantLinear) and capsys.readouterr().err == ""

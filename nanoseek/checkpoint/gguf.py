@@ -64,6 +64,16 @@ def read_gguf(path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
     return config, _state_dict(reader, path, config), tokenizer
 
 
+def gguf_weight_type(path) -> str | None:
+    """The storage type of most of a GGUF file's layer matrices ("Q4_1", "Q8_0", "F16", ...), read
+    from its header alone; None when it has no layer matrices. The engine's default quantisation
+    follows it (engine/llm.py): a 4-bit file keeps running on 4-bit weights."""
+    from collections import Counter
+    kinds = Counter(t.tensor_type.name for t in _open(Path(path)).tensors
+                    if t.name.startswith("blk.") and len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
 def read_gguf_tokenizer(path) -> Tokenizer:
     """Only the tokenizer (and chat template) of a GGUF file, without touching its tensors."""
     return Tokenizer.from_gguf(_open(Path(path)))

@@ -12,13 +12,16 @@ R1-style `<think>` reasoning is split from the answer.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..checkpoint import load
+from ..model.kernels import loaded as kernels_loaded
 from ..model.quant import quantize_
 from ..tokenizer import split_reasoning
 from .detokenizer import IncrementalDetokenizer
@@ -94,22 +97,69 @@ def _default_device_dtype(device, dtype) -> tuple[str, str]:
     return device, dtype
 
 
+# GGUF storage types whose 4-bit blocks of 32 the int4 kernels run (model/quant.py). Q4_1's blocks
+# span min..max exactly as quantize_int4's do, so its integers come back unchanged (only the scales
+# round to bfloat16); Q4_0's and Q4_K's land on a grid of the same size.
+_GGUF_INT4 = {"Q4_0", "Q4_1", "Q4_K"}
+
+
+def _default_quantization(source, device: str, dtype: str, quantization: str | None) -> tuple[str | None, str]:
+    """(quantization, why) for `quantization="auto"`: what LLM runs when the user asks for nothing.
+
+    A 4-bit GGUF on the CPU keeps 4-bit weights (int4 kernels: 3-4x bfloat16's decode tokens/s,
+    docs/benchmarks.md) since its integers are what the file holds. A float checkpoint stays in its
+    float dtype: int4 or int8 of float weights changes ~10% of greedy tokens against bfloat16
+    (bench/quant_accuracy.py), a cost a user opts into. A model object is the caller's own (a
+    training copy): never quantised in place unasked. The int4 kernels compute in bfloat16, so a
+    float32 request (parity tests) keeps float32 weights.
+    """
+    if quantization not in (None, "auto", "none", "int4", "int8"):
+        raise ValueError(f"quantization={quantization!r}: auto | none | int4 | int8")
+    if quantization in ("int4", "int8"):
+        return quantization, "asked for"
+    if quantization in (None, "none"):
+        return None, "asked for none" if quantization == "none" else "off"
+    if not isinstance(source, (str, Path)):
+        return None, "a model object is never quantised unasked"
+    if str(device) != "cpu" or dtype != "bfloat16":
+        return None, f"int4 kernels are for bfloat16 on the CPU (here {dtype} on {device})"
+    from ..checkpoint import resolve
+    from ..checkpoint.gguf import gguf_weight_type
+    path = resolve(source)
+    kind = gguf_weight_type(path) if path.suffix == ".gguf" else None
+    if kind in _GGUF_INT4:
+        return "int4", f"the GGUF's own {kind} weights"
+    return None, "a float checkpoint keeps its weights (quantization='int4' trades ~10% of greedy tokens for speed)"
+
+
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", tokenizer=None,
-                 seed: int = 0, quantization: str | None = None, **engine_kwargs):
+                 seed: int = 0, quantization: str | None = "auto", verbose: bool = True, **engine_kwargs):
+        """`quantization`: auto (see _default_quantization) | none | int4 | int8. A model loaded from a
+        name or path prints the configuration chosen, once, on stderr (verbose=False: silent)."""
+        source = model
         device, dtype = _default_device_dtype(device, dtype)
-        if isinstance(model, str):
+        quantization, why = _default_quantization(source, device, dtype, quantization)
+        if isinstance(model, (str, Path)):
             model, found = load(model, dtype=dtype, device=device, tokenizer=tokenizer is None)
             tokenizer = tokenizer or found
         if tokenizer is None:
             raise ValueError("LLM(model_object) needs tokenizer=...: a bare model carries no tokenizer")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.quantization = model, tokenizer, quantization
         if quantization is not None:   # CPU kernels (model/quant.py): int8 W8A8, int4 weights
-            if quantization not in ("int4", "int8") or model.embed.weight.device.type != "cpu":
-                raise ValueError(f"quantization={quantization!r}: 'int4' or 'int8', for a model on the CPU")
+            if model.embed.weight.device.type != "cpu":
+                raise ValueError(f"quantization={quantization!r} runs CPU kernels: the model is on "
+                                 f"{model.embed.weight.device}")
             quantize_(model, bits=int(quantization[3:]), head=True)
         self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
         self._next_id = 0
+        self.choice = (f"{self.engine.dtype}".replace("torch.", "") + f" on {self.engine.device}, "
+                       + (f"{quantization} linears ({why})" if quantization else f"no quantization ({why})")
+                       + f", C++ kernels {'on' if kernels_loaded() else 'off'}, "
+                       + ("compiled" if self.engine.config.compile else "eager (compile=True: faster decoding "
+                                                                         "after minutes of warm-up)"))
+        if verbose and isinstance(source, (str, Path)):
+            print(f"nanoseek: {source}: {self.choice}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ requests
     def _encode(self, prompt) -> tuple[str | None, list[int]]:

@@ -62,6 +62,8 @@ class EvalConfig:
     output: str | None = arg(None, "per-sample JSONL, resumed when it exists; None: eval-<data>-<setup>.jsonl here")
     dtype: str = arg("auto", "local models: float32 | bfloat16 | float16 | auto")
     device: str = arg("auto", "local models: cpu | cuda | auto")
+    quantization: str = arg("auto", "local models: auto (int4 for a 4-bit GGUF on the CPU) | none | int4 | int8",
+                            choices=["auto", "none", "int4", "int8"])
     price_cache_hit: float = arg(0.14, "USD per 1M prompt tokens served from cache (deepseek-reasoner, R1 launch)")
     price_cache_miss: float = arg(0.55, "USD per 1M prompt tokens not cached")
     price_output: float = arg(2.19, "USD per 1M generated tokens (reasoning included)")
@@ -118,7 +120,7 @@ def _draw(kind: str, name: str, jobs: list[Job], cfg: EvalConfig, on_sample) -> 
     """All missing samples of one system."""
     if kind == "model":
         from ..engine.llm import LLM
-        llm = LLM(name, dtype=cfg.dtype, device=cfg.device)
+        llm = LLM(name, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         try:
             sample_local(llm, jobs, params, cfg.chat, on_sample)

@@ -48,7 +48,8 @@ def eval_stage(source: Callable[[Context], str], template: str | None = None, af
         task, knobs, trained_template, max_new = task_of(cfg)
         use = template or trained_template
         model = source(ctx)
-        llm = LLM(model, seed=cfg.seed)
+        # before and after run alike: the base GGUF would default to int4, the trained folder to bf16
+        llm = LLM(model, seed=cfg.seed, quantization="none")
         heldout = load_task(task, split="test", n=cfg.eval_size, **knobs)
         result = {"model": _relative(model, ctx.run), "template": use,
                   "heldout": {"name": f"{task} {','.join(f'{k}={v}' for k, v in knobs.items())}".strip(),
