@@ -175,3 +175,24 @@ def test_config_helpers():
     cursor = PromptCursor(10, 4, seed=0, rank=1, world_size=2)
     seen = [i for _ in range(5) for i in cursor.next()]
     assert len(seen) == 10 and len(set(seen[:4])) == 4
+
+
+def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
+    """The bf16 rollout copy gives its memory back during the update, then holds the new weights
+    and biases (MoE gate buffers included), in bfloat16, and its engine's cache sees the change."""
+    from nanoseek.model.presets import tiny_deepseek_v3
+    from nanoseek.train.grpo import GRPOConfig, park_rollout_model, refresh_rollout_model, rollout_model
+    model = Transformer(tiny_deepseek_v3())
+    shadow = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))
+    versions = [p._version for p in shadow.parameters()]
+    park_rollout_model(shadow, model)
+    assert all(p.numel() == 0 for p in shadow.parameters())
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            t.add_(torch.randn_like(t))
+    refresh_rollout_model(shadow, model)
+    for (name, a), b in zip(shadow.state_dict().items(), model.state_dict().values()):
+        assert a.shape == b.shape and torch.equal(a, b.to(a.dtype)), name
+    assert all(p.dtype == torch.bfloat16 for p in shadow.parameters())
+    assert all(p._version > v for p, v in zip(shadow.parameters(), versions))
+    assert shadow.head.weight is shadow.embed.weight or model.head.weight is not model.embed.weight

@@ -43,13 +43,14 @@ def test_cpu_preset_takes_the_grpo_preset_at_run_time(monkeypatch):
     cfg = resolve(SpeedrunConfig(out="x"))
     preset = grpo.PRESETS["smollm2_addition"]()
     g = grpo_settings(cfg, "smollm2-135m", "x/grpo")
-    assert (g.task, g.task_knobs, g.steps, g.lr, g.group_size, g.max_new_tokens) == \
-           (preset.task, preset.task_knobs, preset.steps, preset.lr, preset.group_size, preset.max_new_tokens)
+    assert (g.task, g.task_knobs, g.lr, g.group_size, g.max_new_tokens) == \
+           (preset.task, preset.task_knobs, preset.lr, preset.group_size, preset.max_new_tokens)
+    assert g.steps == cfg.grpo_steps == 20          # the speedrun's own count, where the preset's run peaked
     assert task_of(cfg) == (preset.task, grpo.parse_knobs(preset.task_knobs), preset.template, preset.max_new_tokens)
-    retuned = lambda: dataclasses.replace(preset, steps=preset.steps + 13, lr=1e-6)      # noqa: E731
+    retuned = lambda: dataclasses.replace(preset, max_new_tokens=preset.max_new_tokens + 13, lr=1e-6)  # noqa: E731
     monkeypatch.setitem(grpo.PRESETS, "smollm2_addition", retuned)
     g = grpo_settings(cfg, "smollm2-135m", "x/grpo")
-    assert (g.steps, g.lr) == (preset.steps + 13, 1e-6)
+    assert (g.max_new_tokens, g.lr) == (preset.max_new_tokens + 13, 1e-6)
     assert grpo_settings(dataclasses.replace(cfg, grpo_steps=3), "m", "o").steps == 3
 
 

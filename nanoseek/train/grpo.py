@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..configs import arg
+from ..engine.engine import mmap_large_blocks
 from ..engine.sampling import SamplingParams
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
@@ -127,11 +128,27 @@ def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -
 
 
 @torch.no_grad()
-def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
-    """Copy the updated weights into the rollout copy (its engine sees the change and drops its cache)."""
+def park_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
+    """Free the rollout copy's weights while the update runs: the update's peak (weights, gradients,
+    AdamW's two moments, autocast's bf16 casts) is the run's peak, and the copy adds a quarter of
+    the float32 weights to it (0.27 GB for SmolLM2). refresh_rollout_model brings them back."""
     if shadow is not model:
-        for dst, src in zip(shadow.state_dict().values(), model.state_dict().values()):
-            dst.copy_(src)
+        for p in shadow.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+@torch.no_grad()
+def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
+    """Copy the updated weights (and buffers: MoE gate biases) into the rollout copy, re-allocating
+    parked ones; the copy bumps their versions, so its engine drops its prefix cache."""
+    if shadow is model:
+        return
+    for dst, src in zip(shadow.parameters(), model.parameters()):
+        if dst.shape != src.shape:
+            dst.data = torch.empty(src.shape, dtype=dst.dtype, device=dst.device)
+        dst.copy_(src)
+    for dst, src in zip(shadow.buffers(), model.buffers()):
+        dst.copy_(src)
 
 
 def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -328,12 +345,14 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     batches = _equal_batch_counts(batches, session, run["pad_id"])
     train_started = time.perf_counter()
     if batches:
-        if run["reference"] is not None:
-            sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
-        if cfg.iterations > 1:
-            sequence_logprobs(state.model, batches, "old_logprobs", session)
-        for _ in range(cfg.iterations):
-            update = train_step(state, batches)
+        park_rollout_model(run["rollout_model"], state.model)
+        with mmap_large_blocks():            # the update's peak is the run's: keep the heap unfragmented
+            if run["reference"] is not None:
+                sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
+            if cfg.iterations > 1:
+                sequence_logprobs(state.model, batches, "old_logprobs", session)
+            for _ in range(cfg.iterations):
+                update = train_step(state, batches)
         refresh_rollout_model(run["rollout_model"], state.model)
         metrics.update({k: update[k] for k in ("policy_loss", "kl", "clip_fraction", "entropy", "lr", "grad_norm",
                                                "skipped_steps", "finite") if k in update})
