@@ -36,6 +36,9 @@ run_one() {      # $1: name, $2: port, then the server command
   trap - EXIT
 }
 
-run_one nanoseek 8101 .venv/bin/nanoseek serve --model smollm2-135m --port 8101
-run_one llama.cpp 8102 $PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_threads "$THREADS" \
-  --n_threads_batch "$THREADS" --n_ctx 4096
+# llama-cpp-python's server runs one request at a time; --interrupt_requests False makes the others
+# wait their turn (its default aborts the running request when a new one arrives)
+SERVERS=${SERVERS:-nanoseek,llama.cpp}
+[[ ,$SERVERS, == *,nanoseek,* ]] && run_one nanoseek 8101 .venv/bin/nanoseek serve --model smollm2-135m --port 8101
+[[ ,$SERVERS, == *,llama.cpp,* ]] && run_one llama.cpp 8102 $PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_threads "$THREADS" \
+  --n_threads_batch "$THREADS" --n_ctx 4096 --interrupt_requests False
