@@ -38,7 +38,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"  # optional; a built-in list otherwise
-SECTION_START, SECTION_END = "<!-- bench engine: start -->", "<!-- bench engine: end -->"
 BUILTIN_QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -122,8 +121,8 @@ class NanoseekRunner:
                         f"{time.perf_counter() - start:.0f} s, not counted in any measurement."]
         weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
         self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
-        chosen = getattr(self.llm, "quantization", quantization)     # what "auto" resolved to
-        self.weights += f" + {chosen} linears" if chosen not in (None, "auto", "none") else ""
+        chosen = getattr(self.llm, "quantization", extra.get("quantization"))     # what "auto" resolved to
+        self.weights += f" + {chosen} linears" if chosen not in (None, "none") else ""
         self.weights += ", compiled" if compile else ""
 
     def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
@@ -362,20 +361,29 @@ def ratio(results: dict, row_key: str, peer: str, higher_is_better: bool = True)
     return ours / theirs if higher_is_better else theirs / ours
 
 
-def machine_info(threads: int, load_before: tuple, load_after: tuple) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for every benchmark's machine line."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
+def machine_info(threads: int, load_before: tuple, load_after: tuple, note: str = "",
+                 packages=(("transformers", "transformers"), ("llama_cpp", "llama-cpp-python"))) -> str:
+    """CPU, threads, versions of torch and the peers' `packages` (module, name), load before / after."""
     import torch
     versions = [f"torch {torch.__version__}"]
-    for module, name in (("transformers", "transformers"), ("llama_cpp", "llama-cpp-python")):
+    for module, name in packages:
         try:
             versions.append(f"{name} {__import__(module).__version__}")
         except ImportError:
             pass
     load = " / ".join(", ".join(f"{x:.2f}" for x in avg) for avg in (load_before, load_after))
     # a load well above `threads` means something else shared the CPUs: the numbers are then suspect
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads for every system; {', '.join(versions)}; "
-            f"Python {platform.python_version()}; load average (1, 5, 15 min) before / after the run: {load}")
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads for every system{note}; "
+            f"{', '.join(versions)}; Python {platform.python_version()}; load average (1, 5, 15 min) before / "
+            f"after the run: {load}")
 
 
 def render(results: dict, columns: dict, work: Workload, command: str, machine: str, notes: list[str]) -> str:
@@ -410,13 +418,14 @@ def render(results: dict, columns: dict, work: Workload, command: str, machine: 
         *lines, "", *goal_lines, "", *(f"- {note}" for note in notes)]) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of `path` (between markers), or append it."""
-    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
+def write_section(path: Path, text: str, name: str = "engine") -> None:
+    """Replace benchmark `name`'s section of `path` (between its markers), or append it."""
+    start, end = f"<!-- bench {name}: start -->", f"<!-- bench {name}: end -->"
+    section = f"{start}\n{text}{end}\n"
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nResults, with the commands that made them.\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
         new = before + section + ("\n" + after if after else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section

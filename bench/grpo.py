@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.engine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,8 +133,7 @@ def main(argv=None, prog: str = "python -m bench.grpo") -> None:
         print(json.dumps(run_nanoseek(args) if args.child == "nanoseek" else run_trl(args)))
         return
     results = {s: _child(s, args) for s in args.systems.split(",")}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     print(f"CPU: {cpu}; G={args.group_size}, {args.prompts} prompt(s)/step, {args.max_new_tokens} new tokens, "
           f"beta={args.beta}, {args.steps} timed steps")
     print(f"{'system':<10} {'s/step':>8} {'peak RSS GiB':>13}")

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -44,8 +43,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.engine import machine_info, write_section
+
 REPO = Path(__file__).resolve().parents[1]
-SECTION_START, SECTION_END = "<!-- bench train: start -->", "<!-- bench train: end -->"
 SYSTEMS = ("nanoseek", "nanoseek+mtp", "transformers")
 PEER = "transformers"
 TARGET_SPEEDUP = 1.5
@@ -308,36 +308,6 @@ def render(results: dict, checks: dict, args, command: str, machine: str, peak_f
         *lines, "", *goal, "", *check_lines]) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of `path` (between markers), or append it."""
-    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        new = before + section + ("\n" + after if after else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new, encoding="utf-8")
-
-
-def machine_info(threads: int, omp: str, load_before: tuple, load_after: tuple) -> str:
-    import torch
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    versions = [f"torch {torch.__version__}"]
-    try:
-        versions.append(f"transformers {__import__('transformers').__version__}")
-    except ImportError:
-        pass
-    load = " / ".join(", ".join(f"{x:.2f}" for x in avg) for avg in (load_before, load_after))
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads per system"
-            f"{f', OMP_WAIT_POLICY={omp}' if omp else ''}; {', '.join(versions)}; Python {platform.python_version()}; "
-            f"load average (1, 5, 15 min) before / after: {load}")
-
-
 def parse_args(argv, prog: str):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="small_deepseek_v3,deepseek_v3_100m", help="comma list of model presets")
@@ -401,11 +371,12 @@ def main(argv=None, prog: str = "python -m bench.train") -> dict:
     peak = max(peaks)      # a peak is the best the machine did; load on a shared VM only lowers it
     results = {p: {s: summarize(runs[p][s], peak) for s in systems} for p in presets}
     command = " ".join([prog, *map(shlex.quote, argv)])
-    machine = machine_info(threads, args.omp_wait_policy, load_before, os.getloadavg())
+    machine = machine_info(threads, load_before, os.getloadavg(), packages=(("transformers", "transformers"),),
+                           note=f", OMP_WAIT_POLICY={args.omp_wait_policy}" if args.omp_wait_policy else "")
     text = render(results, checks, args, command, machine, peak)
     print(text)
     if args.out:
-        write_section(Path(args.out), text)
+        write_section(Path(args.out), text, "train")
         print(f"wrote the training section of {args.out}", file=sys.stderr)
     return {"results": results, "checks": checks, "peak_flops": peak}
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import add_config_args, arg, config_from_args
+from .engine.llm import QUANTIZATION_HELP, QUANTIZATIONS
 from .server.config import ServeConfig
 from .eval import EvalConfig
 from .eval import main as eval_main
@@ -39,9 +40,7 @@ class GenerateConfig:
     seed: int | None = arg(None, "sampling seed")
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
-    quantization: str = arg("auto", "auto (int4 for a 4-bit GGUF on the CPU, else none) | none | int4 (weights) | "
-                                    "int8 (weights and activations): CPU kernels",
-                            choices=["auto", "none", "int4", "int8"])
+    quantization: str = arg("auto", QUANTIZATION_HELP, choices=list(QUANTIZATIONS))
     compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
 
 

@@ -101,6 +101,9 @@ def _default_device_dtype(device, dtype) -> tuple[str, str]:
 # span min..max exactly as quantize_int4's do, so its integers come back unchanged (only the scales
 # round to bfloat16); Q4_0's and Q4_K's land on a grid of the same size.
 _GGUF_INT4 = {"Q4_0", "Q4_1", "Q4_K"}
+QUANTIZATIONS = ("auto", "none", "int4", "int8")          # the `quantization` flag's choices, everywhere
+QUANTIZATION_HELP = ("auto (int4 for a 4-bit GGUF on the CPU, else none) | none | int4 (weights) | "
+                     "int8 (weights and activations): CPU kernels")
 
 
 def _default_quantization(source, device: str, dtype: str, quantization: str | None) -> tuple[str | None, str]:
@@ -113,8 +116,8 @@ def _default_quantization(source, device: str, dtype: str, quantization: str | N
     training copy): never quantised in place unasked. The int4 kernels compute in bfloat16, so a
     float32 request (parity tests) keeps float32 weights.
     """
-    if quantization not in (None, "auto", "none", "int4", "int8"):
-        raise ValueError(f"quantization={quantization!r}: auto | none | int4 | int8")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: {' | '.join(QUANTIZATIONS)}")
     if quantization in ("int4", "int8"):
         return quantization, "asked for"
     if quantization in (None, "none"):

@@ -226,15 +226,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState], generator: torch.Ge
     wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     raw_logprobs = logits[wanted].float().log_softmax(-1) if wanted else None   # (R, V), before any processing
     x = _edited(logits, states) if any(_needs_edit(s) for s in states) else logits   # (B, V)
-    params = [s.params for s in states]
-    device = logits.device
-    temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-    uniform = _uniforms(states, generator, device)
-    filters = [t.to(device, non_blocking=True) for t in (temperature, top_k, top_p, min_p)]
-    token_ids, _ = draw(x, *filters, uniform)
+    token_ids, _ = draw(x, *_knobs([s.params for s in states], logits.device),
+                        _uniforms(states, generator, logits.device))
     tokens = token_ids.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * B
     if wanted:
@@ -287,12 +280,10 @@ def process_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Te
     out = _edited(logits, states)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if rows:
-        params = [states[i].params for i in rows]
+        temperature, top_k, top_p, min_p = _knobs([states[i].params for i in rows], out.device)
         index = torch.tensor(rows, device=out.device)
-        s = out[index] / _per_row([p.temperature for p in params], out.device)
-        _filter(s, torch.tensor([p.top_k for p in params], device=out.device),
-                torch.tensor([p.top_p for p in params], dtype=torch.float32, device=out.device),
-                torch.tensor([p.min_p for p in params], dtype=torch.float32, device=out.device))
+        s = out[index] / temperature[:, None]
+        _filter(s, top_k, top_p, min_p)
         out[index] = s
     return out
 
@@ -382,9 +373,14 @@ def _uniforms(states: list[SamplerState], generator: torch.Generator | None, dev
     return u
 
 
-def _per_row(values: list[float], device) -> torch.Tensor:
-    """One float per row as a (B, 1) column that broadcasts over the vocabulary."""
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+def _knobs(params: list[SamplingParams], device) -> list[torch.Tensor]:
+    """The rows' filter settings as `draw` takes them: temperature (R,) float32 (0 for a greedy row),
+    top_k (R,) int64, top_p and min_p (R,) float32, built on the host and moved once."""
+    host = (torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32),
+            torch.tensor([p.top_k for p in params], dtype=torch.long),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32))
+    return [t.to(device, non_blocking=True) for t in host]
 
 
 def _token_logprobs(raw_logprobs: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:

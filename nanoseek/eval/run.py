@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..configs import arg
+from ..engine.llm import QUANTIZATION_HELP, QUANTIZATIONS
 from ..engine.sampling import SamplingParams
 from ..rewards import extract_answer, is_correct
 from ..tasks import load_task
@@ -62,8 +63,7 @@ class EvalConfig:
     output: str | None = arg(None, "per-sample JSONL, resumed when it exists; None: eval-<data>-<setup>.jsonl here")
     dtype: str = arg("auto", "local models: float32 | bfloat16 | float16 | auto")
     device: str = arg("auto", "local models: cpu | cuda | auto")
-    quantization: str = arg("auto", "local models: auto (int4 for a 4-bit GGUF on the CPU) | none | int4 | int8",
-                            choices=["auto", "none", "int4", "int8"])
+    quantization: str = arg("auto", "local models: " + QUANTIZATION_HELP, choices=list(QUANTIZATIONS))
     price_cache_hit: float = arg(0.14, "USD per 1M prompt tokens served from cache (deepseek-reasoner, R1 launch)")
     price_cache_miss: float = arg(0.55, "USD per 1M prompt tokens not cached")
     price_output: float = arg(2.19, "USD per 1M generated tokens (reasoning included)")

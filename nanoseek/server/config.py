@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..configs import arg
+from ..engine.llm import QUANTIZATION_HELP, QUANTIZATIONS
 
 API_KEY_ENV = "NANOSEEK_API_KEY"
 
@@ -32,9 +33,7 @@ class ServeConfig:
     kv_cache_gb: float = arg(1.0, "KV-cache pool size in GiB")
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
-    quantization: str = arg("auto", "auto (int4 for a 4-bit GGUF on the CPU, else none) | none | int4 (weights) | "
-                                    "int8 (weights and activations): CPU kernels",
-                            choices=["auto", "none", "int4", "int8"])
+    quantization: str = arg("auto", QUANTIZATION_HELP, choices=list(QUANTIZATIONS))
     compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
     log_level: str = arg("warning", "uvicorn's log level: debug | info | warning | error")
 

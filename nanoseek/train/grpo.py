@@ -35,7 +35,7 @@ from ..engine.engine import mmap_large_blocks
 from ..engine.sampling import SamplingParams
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
-from .loop import TrainState, start, train_step
+from .loop import TrainState, fast_bf16, start, train_step
 from .losses import (
     IGNORE,
     group_advantages,
@@ -109,7 +109,6 @@ def rollout_model(model: nn.Module, cfg: GRPOConfig, device: torch.device) -> nn
     where bf16 matmuls are fast (AMX / AVX512-BF16 CPUs, GPUs). Decoding reads every weight each
     step, so half the bytes is what the engine's own default (LLM picks bf16 there) already bets on.
     The log-probs of the update always come from the trained weights, so the first ratio stays 1."""
-    from .loop import fast_bf16
     want = cfg.rollout_dtype
     if want == "float32" or (want == "auto" and not fast_bf16(device)):
         return model
@@ -198,13 +197,11 @@ def sequence_logprobs(model: nn.Module, batches: list[dict], key: str, session) 
     """Fill batch[key] (B, T) with `model`'s completion log-probs (old policy or reference), no gradient;
     the same computation as GRPOLoss's, so the old policy's ratio is exactly 1."""
     for batch in batches:
-        amp = torch.autocast(session.device.type, dtype=session.autocast, enabled=session.autocast is not None)
-        with amp:
-            logprobs, _ = completion_logprobs(model, batch["input_ids"].to(session.device),
-                                              batch["labels"].to(session.device))
-        full = torch.zeros(batch["labels"].shape, dtype=logprobs.dtype, device=logprobs.device)
-        full[batch["labels"].to(session.device) != IGNORE] = logprobs
-        batch[key] = full
+        labels = batch["labels"].to(session.device)
+        with torch.autocast(session.device.type, dtype=session.autocast, enabled=session.autocast is not None):
+            logprobs, _ = completion_logprobs(model, batch["input_ids"].to(session.device), labels)
+        batch[key] = torch.zeros(labels.shape, dtype=logprobs.dtype, device=logprobs.device)
+        batch[key][labels != IGNORE] = logprobs
 
 
 def reward_functions(cfg: GRPOConfig) -> list:
