@@ -106,16 +106,49 @@ def test_importance_ratio_is_exactly_one_on_the_first_update(tiny):
     model = load_model(tiny[0]).train()
     g = Group(None, [1, 5, 9], completion_ids=[[20, 21, 1], [22, 1]])
     batches = training_rows([g], torch.tensor([[1.0, -1.0]]), micro_batch_size=2, pad_id=0)
-    assert batches[0]["labels"].tolist() == [[IGNORE, IGNORE, 22, 1, IGNORE], [IGNORE, IGNORE, 20, 21, 1]]
+    # the prompt but its last token once, then each completion (shortest first) behind that token
+    assert batches[0]["input_ids"].tolist() == [[1, 5, 9, 22, 9, 20, 21]]
+    assert batches[0]["positions"].tolist() == [[0, 1, 2, 3, 2, 3, 4]]
+    assert batches[0]["segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2]]
+    assert batches[0]["labels"].tolist() == [[IGNORE, IGNORE, 22, 1, 20, 21, 1]]
+    assert batches[0]["advantages"].tolist() == [[0.0, 0.0, -1.0, -1.0, 1.0, 1.0, 1.0]]
     sequence_logprobs(model, batches, "old_logprobs", Session(torch.device("cpu"), None))   # no gradient
     batch, mask = batches[0], batches[0]["labels"] != IGNORE
-    logprobs, _ = completion_logprobs(model, batch["input_ids"], batch["labels"])              # with gradient
+    logprobs, _ = completion_logprobs(model, batch)                                             # with gradient
     assert logprobs.requires_grad
     assert torch.equal(torch.exp(logprobs.detach() - batch["old_logprobs"][mask]), torch.ones(5))
     _, stats = GRPOLoss(model, GRPOConfig())(batch, [int(mask.sum())])
     assert stats["metrics"]["clip_fraction"].item() == 0.0
     # ratio 1: the policy term is -A per token, so its mean is -(3·1 - 2·1)/5 (row order: by length)
     assert math.isclose(stats["metrics"]["policy_loss"].item(), -(2 * -1.0 + 3 * 1.0) / 5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_deepseek_v3"])
+def test_packed_group_equals_full_sequences_with_their_gradients(preset):
+    """training_rows' packs (the prompt once, each completion seeing it and itself) give the
+    log-probs and gradients of the G separate prompt + completion sequences."""
+    from nanoseek.model import presets
+    torch.manual_seed(0)
+    model = Transformer(getattr(presets, preset)(vocab_size=64)).train()
+    g = Group(None, [3, 7, 11, 2, 5], completion_ids=[[20, 21, 9, 1], [22, 1], [30, 31, 32]])
+    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4, pad_id=0)
+    shared, _ = completion_logprobs(model, batch)
+    (shared * torch.arange(1.0, shared.numel() + 1)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = []
+    for ids in sorted(g.completion_ids, key=len):             # training_rows' row order
+        seq = torch.tensor([g.prompt_ids + ids])
+        labels = torch.full_like(seq, IGNORE)
+        labels[0, len(g.prompt_ids) - 1:-1] = seq[0, len(g.prompt_ids):]
+        full.append(completion_logprobs(model, {"input_ids": seq[:, :-1], "labels": labels[:, :-1]})[0])
+    full = torch.cat(full)
+    (full * torch.arange(1.0, full.numel() + 1)).sum().backward()
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_few_steps_raise_the_reward_of_a_tiny_model(tiny, tmp_path):
@@ -186,7 +219,7 @@ def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
     shadow = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))
     versions = [p._version for p in shadow.parameters()]
     park_rollout_model(shadow, model)
-    assert all(p.numel() == 0 for p in shadow.parameters())
+    assert all(p.untyped_storage().size() == 0 for p in shadow.parameters())
     with torch.no_grad():
         for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
             t.add_(torch.randn_like(t))
@@ -196,3 +229,34 @@ def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
     assert all(p.dtype == torch.bfloat16 for p in shadow.parameters())
     assert all(p._version > v for p, v in zip(shadow.parameters(), versions))
     assert shadow.head.weight is shadow.embed.weight or model.head.weight is not model.embed.weight
+
+
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_deepseek_v3"])
+def test_an_int8_rollout_copy_requantises_to_the_updated_weights(preset):
+    """The int8 rollout copy (fused projections, the tied head, oneDNN-packed handles) parks to
+    nothing and refreshes to exactly the integers and outputs a fresh copy of the new weights has."""
+    from nanoseek.model import kernels, presets
+    from nanoseek.model.quant import QuantLinear, pack_int8_
+    from nanoseek.train.grpo import GRPOConfig, park_rollout_model, refresh_rollout_model, rollout_model
+    torch.manual_seed(0)
+    model, cfg, cpu = Transformer(getattr(presets, preset)()), GRPOConfig(rollout_dtype="int8"), torch.device("cpu")
+    shadow = rollout_model(model, cfg, cpu)
+    packed = kernels.load() and pack_int8_(shadow) > 0                # what the engine does
+    layers = [m for m in shadow.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == 8 for m in layers) and isinstance(shadow.head, QuantLinear)
+    park_rollout_model(shadow, model)
+    versions = [p._version for p in shadow.parameters()]
+    assert all(m.qweight.numel() == 0 for m in layers)
+    assert all(p.untyped_storage().size() == 0 for p in shadow.parameters())
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            t.add_(0.1 * torch.randn_like(t))
+    refresh_rollout_model(shadow, model)
+    fresh = rollout_model(model, cfg, cpu)
+    assert packed == (kernels.loaded() and pack_int8_(fresh) > 0)
+    for (name, a), b in zip(shadow.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(p._version > v for p, v in zip(shadow.parameters(), versions))      # the engine sees it
+    tokens = torch.tensor([[3], [9], [17]])                           # decode-shaped: the packed path
+    with torch.no_grad():
+        assert torch.equal(shadow.logits(shadow.hidden_states(tokens)), fresh.logits(fresh.hidden_states(tokens)))

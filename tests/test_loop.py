@@ -120,3 +120,16 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[:2] == [0.5, 1.0]
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert math.isclose(lrs[10], 0.1)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, math.inf])
+def test_clip_gradients_equals_torch_clip_grad_norm_bit_for_bit(max_norm):
+    from nanoseek.train.loop import clip_gradients
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    assert torch.equal(clip_gradients(ours, max_norm), torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))

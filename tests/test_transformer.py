@@ -133,3 +133,13 @@ def test_deepseek_v2_style_config_runs():
     model = Transformer(cfg)
     assert cfg.score_func == "softmax" and model.layers[1].ffn.gate.bias is None
     assert torch.isfinite(model(torch.randint(0, 256, (1, 9)))).all()
+
+
+def test_a_bfloat16_model_keeps_float32_rope_frequencies():
+    """model.to(bfloat16) must not round RoPE's inverse frequencies through bf16 on their way back
+    to float32 (0.3162 -> 0.3164 is 0.4 rad of angle at position 1,000)."""
+    from nanoseek.model.presets import tiny_llama
+    model = Transformer(tiny_llama())
+    exact = model.rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, exact)

@@ -61,3 +61,31 @@ class DenseCache:
 
     def nbytes_per_token(self) -> int:
         return sum(b.element_size() * b[0, 0].numel() for layer in self.buffers for b in layer)
+
+
+
+class PackedCache:
+    """The cache argument for one forward over packed sequences that see each other by a mask.
+
+    It stores nothing: `update` hands the forward's own entries back with `mask` (B, T, T), so
+    attention runs over the same tokens as without a cache, restricted to what `mask` allows.
+    GRPO packs a prompt once with its G completions after it, each completion seeing the prompt
+    and itself only (train/rollout.py): every weight is then read once per micro-batch for P + G·L
+    tokens, where G separate rows would cost G·(P + L). Autograd runs through it (nothing in place).
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
+        """entries (B, T, ...) -> the same entries heads-major (heads, B, T, width) and the mask (B, T, T)."""
+        if self.mask.shape != (*positions.shape, positions.shape[1]):
+            raise ValueError(f"PackedCache: mask {tuple(self.mask.shape)} does not fit tokens {tuple(positions.shape)}")
+        return (*[e.permute(2, 0, 1, 3) if e.dim() == 4 else e.unsqueeze(0) for e in entries], self.mask)
+
+
+def segment_mask(positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Who sees whom in a packed row (B, T): token i sees token j when j's position is not after i's
+    and j is in segment 0 (the shared prefix) or in i's own segment. -> mask (B, T, T)."""
+    seg_q, seg_k = segments.unsqueeze(-1), segments.unsqueeze(-2)
+    return (positions.unsqueeze(-2) <= positions.unsqueeze(-1)) & ((seg_k == 0) | (seg_k == seg_q))

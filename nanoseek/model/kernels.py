@@ -136,6 +136,16 @@ def pack_int8(weight: torch.Tensor) -> int | None:
         return None
 
 
+def repack_int8(handle: int, weight: torch.Tensor) -> None:
+    """Put a new int8 (N, K) weight of the same layer in `handle`'s slot (a requantised rollout copy)."""
+    torch.ops.nanoseek.int8_repack(handle, weight)
+
+
+def free_int8(handle: int) -> None:
+    """Drop `handle`'s packed weight (its memory); int8_linear refuses it until repack_int8."""
+    torch.ops.nanoseek.int8_free(handle)
+
+
 def decode_attention_applies(q, k, v) -> bool:
     """Whether the kernel serves this call: loaded, CPU, one query token, float32 / bfloat16, no autograd."""
     return (loaded() and q.device.type == "cpu" and q.shape[2] == 1 and q.dtype == k.dtype == v.dtype

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, apply_keeping_dtypes
 
 
 @dataclass
@@ -46,10 +46,7 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # keep the bias in float32 under model.to(bfloat16): γ = 0.001 steps vanish in bf16
-        super()._apply(fn, recurse)
-        if self.bias is not None and self.bias.dtype != torch.float32:
-            self.bias = self.bias.float()
-        return self
+        return apply_keeping_dtypes(self, fn, recurse, {"bias": torch.float32})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gate weights (N, K) float32, expert indices (N, K), scores (N, E)."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .attention import GQA, MLA
-from .layers import MLP
+from .layers import MLP, apply_keeping_dtypes
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)     # what _weight_int4pack_mm_for_cpu accepts
@@ -114,13 +114,8 @@ class QuantLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) may move the bias, but the kernels' scales keep their dtype
-        super()._apply(fn, recurse)
-        for name, dtype in (("scales_and_zeros", KERNEL_DTYPE), ("scales", torch.float32)):
-            t = getattr(self, name, None)
-            if t is not None and t.dtype != dtype:
-                setattr(self, name, t.to(dtype))
-        return self
+        # model.to(dtype) may move the bias, but the kernels' scales keep their dtype and values
+        return apply_keeping_dtypes(self, fn, recurse, {"scales_and_zeros": KERNEL_DTYPE, "scales": torch.float32})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -218,3 +213,64 @@ def pack_int8_(model: nn.Module) -> int:
             module.int8_handle = kernels.pack_int8(module.qweight)
             packed += module.int8_handle is not None
     return packed
+
+
+def _source_linear(source: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) in `source` (the unquantised model) that QuantLinear `name` of its
+    quantize_(..., bits=8) copy was made from: fused projections concatenate theirs, as _fuse did."""
+    if name == "head":
+        lin = source.head if source.head is not None else source.embed
+        return lin.weight, getattr(lin, "bias", None)
+    parent_name, _, attr = name.rpartition(".")
+    parent = source.get_submodule(parent_name)
+    parts = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}.get(attr) if getattr(parent, attr, None) is None else None
+    linears = [getattr(parent, a) for a in parts] if parts else [getattr(parent, attr)]
+    bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return torch.cat([lin.weight for lin in linears]) if parts else linears[0].weight, bias
+
+
+@torch.no_grad()
+def requantize_(quantized: nn.Module, source: nn.Module) -> int:
+    """Re-derive the int8 layers of `quantized` (a copy of `source` after quantize_(bits=8)) from
+    `source`'s current weights, in place, prepacked oneDNN handles included; the other weights
+    (norms, embedding, gate biases) are copied. For a rollout copy of a model being trained: the
+    integers are exactly what quantize_ would give the new weights. Returns the layers requantised."""
+    from . import kernels
+    n = 0
+    for name, module in quantized.named_modules():
+        if not isinstance(module, QuantLinear) or module.bits != 8:
+            continue
+        weight, bias = _source_linear(source, name)
+        module.qweight, scales = quantize_rows_int8(weight)
+        module.scales = scales.view(-1)
+        if bias is not None:
+            module.bias = bias.detach().to(module.bias.dtype)
+        if module.int8_handle is not None:
+            kernels.repack_int8(module.int8_handle, module.qweight)
+        n += 1
+    quantized_names = {name for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    originals = dict(source.named_parameters()) | dict(source.named_buffers())
+    for name, tensor in [*quantized.named_parameters(), *quantized.named_buffers()]:
+        if name.rpartition(".")[0] not in quantized_names and name in originals:
+            storage = tensor.untyped_storage()
+            if storage.size() == 0 and tensor.numel():         # parked: its memory back, the tensor the same
+                storage.resize_(tensor.numel() * tensor.element_size())
+            tensor.copy_(originals[name])
+    return n
+
+
+@torch.no_grad()
+def park_quantized_(quantized: nn.Module) -> None:
+    """Free the weights of a requantize_-able copy until its next requantize_: int8 integers and
+    their packed handles, and the dense parameters' storage. The parameters stay the same tensors
+    (storage resized to nothing, as FSDP frees a shard), so their version counters keep counting
+    up and an engine that watches them sees the refresh."""
+    from . import kernels
+    for module in quantized.modules():
+        if isinstance(module, QuantLinear) and module.bits == 8:
+            module.qweight = torch.empty(0, dtype=torch.int8)
+            if module.int8_handle is not None:
+                kernels.free_int8(module.int8_handle)
+    for p in quantized.parameters():
+        if p.is_contiguous() and p.storage_offset() == 0:
+            p.untyped_storage().resize_(0)

@@ -31,8 +31,10 @@ import torch
 from torch import nn
 
 from ..configs import arg
-from ..engine.engine import mmap_large_blocks
+from ..engine.engine import trim_heap
 from ..engine.sampling import SamplingParams
+from ..model.cache import PackedCache, segment_mask
+from ..model.quant import park_quantized_, quantize_, requantize_
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
 from .loop import TrainState, fast_bf16, start, train_step
@@ -80,9 +82,9 @@ class GRPOConfig:
     resume: bool = arg(False, "continue from the run folder's last complete checkpoint")
     seed: int = arg(0, "seed of the prompt order and the rollouts")
     dtype: str = arg("auto", "training autocast: auto (bfloat16 where fast) | bfloat16 | float32")
-    rollout_dtype: str = arg("auto", "rollout weights: auto (a bfloat16 copy, refreshed after every update, "
-                                     "where bf16 is fast) | bfloat16 | float32 (the trained weights themselves)",
-                             choices=("auto", "bfloat16", "float32"))
+    rollout_dtype: str = arg("auto", "rollout weights, a copy refreshed after every update: auto (bfloat16 where "
+                                     "bf16 is fast) | bfloat16 | int8 (CPU: faster, less accurate) | float32 (the "
+                                     "trained weights themselves, no copy)", choices=("auto", "int8", "bfloat16", "float32"))
     device: str = arg("auto", "cpu | cuda | auto")
     bias_update_speed: float = arg(0.001, "γ of the expert bias rule for MoE policies (0 = off)")
     preset: str | None = arg(None, "start from a preset (smollm2_addition); flags that differ from their "
@@ -105,15 +107,26 @@ PRESETS = {f.__name__: f for f in (smollm2_addition,)}
 
 
 def rollout_model(model: nn.Module, cfg: GRPOConfig, device: torch.device) -> nn.Module:
-    """The model the engine samples from: the trained float32 weights themselves, or a bfloat16 copy
-    where bf16 matmuls are fast (AMX / AVX512-BF16 CPUs, GPUs). Decoding reads every weight each
-    step, so half the bytes is what the engine's own default (LLM picks bf16 there) already bets on.
-    The log-probs of the update always come from the trained weights, so the first ratio stays 1."""
+    """The model the engine samples from (`--rollout-dtype`): the trained float32 weights themselves,
+    or a copy refreshed after every update. Decoding reads every weight each step, so fewer bytes
+    per weight is the speed; `auto` is a bfloat16 copy where bf16 is fast (what LLM's own default
+    bets on). int8 (the engine's W8A8 linears on oneDNN-prepacked weights) samples SmolLM2's
+    rollouts ~1.5x faster than bf16 at 4 rows, but its per-token activation rounding costs
+    quality: greedy 2-digit addition 21.5% against 26.0%, with longer answers (docs/benchmarks.md),
+    so it stays opt-in. The log-probs of the update always come from the trained weights, so the
+    first ratio stays exactly 1."""
     want = cfg.rollout_dtype
-    if want == "float32" or (want == "auto" and not fast_bf16(device)):
+    if want == "auto":
+        want = "bfloat16" if fast_bf16(device) else "float32"
+    if want == "float32":
         return model
-    shadow = copy.deepcopy(model).to(torch.bfloat16).eval()
-    return shadow.requires_grad_(False)
+    shadow = copy.deepcopy(model).eval().requires_grad_(False)
+    if want == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"rollout_dtype=int8 runs CPU kernels: the model is on {device}")
+        quantize_(shadow, bits=8, head=True)
+        return shadow.to(torch.bfloat16) if fast_bf16(device) else shadow
+    return shadow.to(torch.bfloat16)
 
 
 def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -> int:
@@ -129,44 +142,46 @@ def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -
 @torch.no_grad()
 def park_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
     """Free the rollout copy's weights while the update runs: the update's peak (weights, gradients,
-    AdamW's two moments, autocast's bf16 casts) is the run's peak, and the copy adds a quarter of
-    the float32 weights to it (0.27 GB for SmolLM2). refresh_rollout_model brings them back."""
+    AdamW's two moments, autocast's bf16 casts) is the run's peak, and the copy adds an eighth
+    (int8) or a quarter (bf16) of the float32 weights to it. refresh_rollout_model brings them back."""
     if shadow is not model:
-        for p in shadow.parameters():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        park_quantized_(shadow)
 
 
 @torch.no_grad()
 def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
-    """Copy the updated weights (and buffers: MoE gate biases) into the rollout copy, re-allocating
-    parked ones; the copy bumps their versions, so its engine drops its prefix cache."""
-    if shadow is model:
-        return
-    for dst, src in zip(shadow.parameters(), model.parameters()):
-        if dst.shape != src.shape:
-            dst.data = torch.empty(src.shape, dtype=dst.dtype, device=dst.device)
-        dst.copy_(src)
-    for dst, src in zip(shadow.buffers(), model.buffers()):
-        dst.copy_(src)
+    """Requantise or copy the updated weights (and buffers: MoE gate biases) into the rollout copy,
+    re-allocating parked ones; the copy bumps its parameters' versions, so its engine drops its
+    prefix cache."""
+    if shadow is not model:
+        requantize_(shadow, model)
 
 
-def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                        routing: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model: nn.Module, batch: dict, routing: list | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completion tokens only: (N,) for the N labelled positions, and their logits (N, V).
 
-    The output head and the softmax run on the completion positions alone: in a short-answer
-    rollout the prompt is ~70% of every row, and the head is SmolLM2's largest matmul.
+    A packed batch (rollout.training_rows: "positions" and "segments" beside "input_ids") runs as
+    one forward under its segment mask, the prompt once for its group. The output head and the
+    softmax run on the completion positions alone: the head is SmolLM2's largest matmul.
     """
+    input_ids, labels = batch["input_ids"], batch["labels"]
     mask = labels != IGNORE
-    hidden = model.hidden_states(input_ids, routing=routing)           # (B, T, D)
-    logits = model.logits(hidden[mask])                                 # (N, V)
+    if "segments" in batch:
+        positions = batch["positions"]
+        cache = PackedCache(segment_mask(positions, batch["segments"]))
+        hidden = model.hidden_states(input_ids, positions=positions, cache=cache, routing=routing)   # (B, T, D)
+    else:
+        hidden = model.hidden_states(input_ids, routing=routing)
+    logits = model.logits(hidden[mask])                                                # (N, V)
     return token_logprobs(logits, labels[mask]), logits
 
 
 class GRPOLoss(nn.Module):
     """The policy's GRPO loss in one forward (loop.LossModel's contract, so DDP and train_step apply).
 
-    batch: input_ids (B, T), labels (B, T) completion tokens, advantages (B,), and optionally
+    batch: input_ids (B, T), labels (B, T) completion tokens, advantages (B, T) each token's A_i,
+    optionally positions / segments (B, T) of a packed batch (rollout.training_rows) and
     old_logprobs / ref_logprobs (B, T). Without old_logprobs the ratio is against this very forward's
     detached log-probs: exactly 1, the first update of every step.
     """
@@ -178,9 +193,9 @@ class GRPOLoss(nn.Module):
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
         labels, routing = batch["labels"], []
         mask = labels != IGNORE
-        logprobs, logits = completion_logprobs(self.model, batch["input_ids"], labels, routing)   # (N,)
+        logprobs, logits = completion_logprobs(self.model, batch, routing)                      # (N,)
         old, ref = batch.get("old_logprobs"), batch.get("ref_logprobs")
-        advantages = batch["advantages"].unsqueeze(1).expand(labels.shape)[mask]                  # (N,)
+        advantages = batch["advantages"][mask]                                                    # (N,)
         sums = grpo_loss_sums(logprobs, logprobs.detach() if old is None else old[mask], advantages,
                               torch.ones_like(logprobs), self.cfg.epsilon, self.cfg.epsilon_high, self.cfg.beta,
                               None if ref is None else ref[mask])
@@ -199,7 +214,8 @@ def sequence_logprobs(model: nn.Module, batches: list[dict], key: str, session) 
     for batch in batches:
         labels = batch["labels"].to(session.device)
         with torch.autocast(session.device.type, dtype=session.autocast, enabled=session.autocast is not None):
-            logprobs, _ = completion_logprobs(model, batch["input_ids"].to(session.device), labels)
+            logprobs, _ = completion_logprobs(model, {k: v.to(session.device) for k, v in batch.items()
+                                                      if isinstance(v, torch.Tensor)})
         batch[key] = torch.zeros(labels.shape, dtype=logprobs.dtype, device=logprobs.device)
         batch[key][labels != IGNORE] = logprobs
 
@@ -302,7 +318,7 @@ def _equal_batch_counts(batches: list[dict], session, pad_id: int) -> list[dict]
     most = torch.tensor([len(batches)], device=session.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     empty = {"input_ids": torch.full((1, 1), pad_id), "labels": torch.full((1, 1), IGNORE),
-             "advantages": torch.zeros(1)}
+             "advantages": torch.zeros(1, 1)}
     return batches + [dict(empty) for _ in range(int(most) - len(batches))]
 
 
@@ -343,13 +359,13 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     train_started = time.perf_counter()
     if batches:
         park_rollout_model(run["rollout_model"], state.model)
-        with mmap_large_blocks():            # the update's peak is the run's: keep the heap unfragmented
-            if run["reference"] is not None:
-                sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
-            if cfg.iterations > 1:
-                sequence_logprobs(state.model, batches, "old_logprobs", session)
-            for _ in range(cfg.iterations):
-                update = train_step(state, batches)
+        trim_heap()                 # the update's peak is the run's: start it from the pages in use
+        if run["reference"] is not None:
+            sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
+        if cfg.iterations > 1:
+            sequence_logprobs(state.model, batches, "old_logprobs", session)
+        for _ in range(cfg.iterations):
+            update = train_step(state, batches)
         refresh_rollout_model(run["rollout_model"], state.model)
         metrics.update({k: update[k] for k in ("policy_loss", "kl", "clip_fraction", "entropy", "lr", "grad_norm",
                                                "skipped_steps", "finite") if k in update})
@@ -390,7 +406,7 @@ def main(cfg: GRPOConfig) -> None:
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)
     sampler = rollout_model(model, cfg, session.device)
-    llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed,    # shares the weights, or their bf16 copy
+    llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed,    # shares the weights, or their copy
               num_blocks=rollout_blocks(cfg, train + held_out, tokenizer))
     run = {"cfg": cfg, "llm": llm, "state": state, "reference": reference, "rewards": reward_functions(cfg),
            "rollout_model": sampler,

@@ -237,6 +237,16 @@ def _accumulate(state: TrainState, batches: list[dict], counts: list[int], loads
     return _unflatten(names, totals.tolist())
 
 
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_'s result, bit for bit, without its multiply when nothing is clipped: torch
+    scales every gradient by min(max_norm / (norm + 1e-6), 1) even when that is exactly 1, a pass
+    over all gradients (30 ms of a SmolLM2 GRPO update) that changes nothing."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm / (norm + 1e-6) < 1:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def train_step(state: TrainState, batches: list[dict]) -> dict:
     """One optimiser step over `batches` (micro-batches of {"input_ids", "labels", ...}); returns its metrics."""
     cfg, session, model = state.cfg, state.session, state.model
@@ -249,7 +259,7 @@ def train_step(state: TrainState, batches: list[dict]) -> dict:
     model.train()
     sums = _accumulate(state, batches, counts, loads)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = clip_gradients(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     finite = math.isfinite(sums["objective"]) and bool(torch.isfinite(norm))
     if finite:
         state.optimizer.step()

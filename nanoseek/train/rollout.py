@@ -95,29 +95,32 @@ def score(groups: list[Group], reward_fns) -> tuple[torch.Tensor, dict[str, torc
 
 def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_size: int,
                   pad_id: int) -> list[dict]:
-    """Prompt + completion sequences as micro-batches {"input_ids", "labels", "advantages"}.
+    """Each group's completions packed behind their shared prompt, one pack per micro-batch:
+    {"input_ids", "positions", "segments", "labels"} (1, T) and "advantages" (1, T).
 
-    labels are the completion tokens only (prompt and padding IGNORE), shifted so labels[:, t] is
-    the token after input_ids[:, t]; advantages (B,) is each completion's A_i, the same for all its
-    tokens. Rows are sorted by length before batching so padding stays small; the order is fixed
-    by the data, so a replayed step batches identically.
+    A pack is the prompt but its last token (segment 0, positions 0..P-2), then up to
+    `micro_batch_size` completions, completion b as [last prompt token, completion[:-1]] at
+    positions P-1.. in segment b + 1, labelled with the completion (prompt IGNORE). Under
+    model.cache.segment_mask each completion sees the prompt and itself, exactly as its own
+    prompt + completion row would, and the prompt's forward runs once per pack, not once per
+    sample. advantages holds each token's A_i (0 on the prompt). Completions are ordered by
+    length; the order is fixed by the data, so a replayed step packs identically. `pad_id` is
+    unused (packs have no padding) and kept for callers that pad.
     """
-    rows = []
-    for group, adv in zip(groups, advantages):
-        for ids, a in zip(group.completion_ids, adv.tolist()):
-            if ids:
-                rows.append((group.prompt_ids, ids, a))
-    rows.sort(key=lambda r: len(r[0]) + len(r[1]))
     batches = []
-    for start in range(0, len(rows), micro_batch_size):
-        chunk = rows[start:start + micro_batch_size]
-        T = max(len(p) + len(c) for p, c, _ in chunk) - 1
-        input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
-        for b, (p, c, _) in enumerate(chunk):
-            seq = torch.tensor(p + c)
-            input_ids[b, :len(seq) - 1] = seq[:-1]
-            labels[b, len(p) - 1:len(seq) - 1] = seq[len(p):]
-        batches.append({"input_ids": input_ids, "labels": labels,
-                        "advantages": torch.tensor([a for _, _, a in chunk], dtype=torch.float32)})
+    for group, adv in zip(groups, advantages):
+        rows = sorted(((ids, a) for ids, a in zip(group.completion_ids, adv.tolist()) if ids), key=lambda r: len(r[0]))
+        prompt = group.prompt_ids
+        for start in range(0, len(rows), micro_batch_size):
+            ids, pos, seg, labels, advs = list(prompt[:-1]), list(range(len(prompt) - 1)), [0] * (len(prompt) - 1), \
+                [IGNORE] * (len(prompt) - 1), [0.0] * (len(prompt) - 1)
+            for b, (c, a) in enumerate(rows[start:start + micro_batch_size], start=1):
+                ids += prompt[-1:] + c[:-1]
+                pos += range(len(prompt) - 1, len(prompt) - 1 + len(c))
+                seg += [b] * len(c)
+                labels += c
+                advs += [a] * len(c)
+            batches.append({k: torch.tensor([v], dtype=torch.float32 if k == "advantages" else torch.long)
+                            for k, v in (("input_ids", ids), ("positions", pos), ("segments", seg),
+                                         ("labels", labels), ("advantages", advs))})
     return batches

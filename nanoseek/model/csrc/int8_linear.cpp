@@ -2,7 +2,10 @@
 // it: nanoseek/model/kernels.py.
 //
 // int8_pack(weight (N, K) int8) -> handle: the weight reordered once into oneDNN's blocked layout
-// (onednn::qlinear_prepack), kept in this library for the life of the process.
+// (onednn::qlinear_prepack), kept in this library until int8_free(handle).
+// int8_repack(handle, weight): the same slot holds a new weight of the same shape (a GRPO rollout
+// copy requantised after each update, without a new handle per step).
+// int8_free(handle): drop the packed weight; the handle answers nothing until repacked.
 // int8_linear(x (M, K) float32 / bfloat16, handle, w_scale (N,) float32) -> (M, N) in x's dtype:
 // x quantised per row (symmetric, 127 / absmax, as model/quant.py's quantize_rows_int8), shifted
 // to uint8 (+128, the zero point oneDNN's u8 x s8 kernels expect), multiplied by the packed
@@ -26,20 +29,38 @@ namespace {
 struct Packed {
   at::Tensor weight;      // oneDNN's opaque layout
   at::Tensor zero_point;  // (N,) int64 zeros: the weights are symmetric
-  int64_t n, k;
+  int64_t n = 0, k = 0;
 };
 
 std::mutex registry_lock;
 std::vector<Packed> registry;
 
-int64_t int8_pack(const at::Tensor& weight) {
+Packed prepack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_pack: expected an int8 (N, K) weight");
-  static auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
   torch::jit::Stack stack{weight.contiguous(), c10::IValue()};
-  prepack.callBoxed(&stack);
+  op.callBoxed(&stack);
+  return {stack[0].toTensor(), at::zeros({weight.size(0)}, at::kLong), weight.size(0), weight.size(1)};
+}
+
+int64_t int8_pack(const at::Tensor& weight) {
+  Packed packed = prepack(weight);
   std::lock_guard<std::mutex> guard(registry_lock);
-  registry.push_back({stack[0].toTensor(), at::zeros({weight.size(0)}, at::kLong), weight.size(0), weight.size(1)});
+  registry.push_back(std::move(packed));
   return static_cast<int64_t>(registry.size()) - 1;
+}
+
+void int8_repack(int64_t handle, const at::Tensor& weight) {
+  Packed packed = prepack(weight);
+  std::lock_guard<std::mutex> guard(registry_lock);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "int8_repack: unknown handle ", handle);
+  registry[handle] = std::move(packed);
+}
+
+void int8_free(int64_t handle) {
+  std::lock_guard<std::mutex> guard(registry_lock);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "int8_free: unknown handle ", handle);
+  registry[handle] = Packed{};
 }
 
 template <typename T>
@@ -88,6 +109,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, int64_t handle, const at::Tensor&
                 handle);
     packed = registry[handle];
   }
+  TORCH_CHECK(packed.weight.defined(), "int8_linear: weight handle ", handle, " was freed");
   TORCH_CHECK(x.size(1) == packed.k, "int8_linear: x has ", x.size(1), " features, the weight ", packed.k);
   TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == packed.n && w_scale.scalar_type() == at::kFloat,
               "int8_linear: w_scale must be (N,) float32");
@@ -120,10 +142,13 @@ at::Tensor int8_linear(const at::Tensor& x_in, int64_t handle, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(NANOSEEK_OPS, m) {
   m.def("int8_pack(Tensor weight) -> int");
+  m.def("int8_repack(int handle, Tensor weight) -> ()");
+  m.def("int8_free(int handle) -> ()", &int8_free);     // no tensor to dispatch on: one kernel for all
   m.def("int8_linear(Tensor x, int handle, Tensor w_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(NANOSEEK_OPS, CPU, m) {
   m.impl("int8_pack", &int8_pack);
+  m.impl("int8_repack", &int8_repack);
   m.impl("int8_linear", &int8_linear);
 }
