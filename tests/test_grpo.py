@@ -260,3 +260,28 @@ def test_an_int8_rollout_copy_requantises_to_the_updated_weights(preset):
     tokens = torch.tensor([[3], [9], [17]])                           # decode-shaped: the packed path
     with torch.no_grad():
         assert torch.equal(shadow.logits(shadow.hidden_states(tokens)), fresh.logits(fresh.hidden_states(tokens)))
+
+
+def test_an_update_on_the_rollout_copys_bf16_casts_equals_autocasts_bit_for_bit():
+    """share_casts (the forward takes nn.Linear weights' bf16 casts from the bf16 rollout copy) gives
+    the loss and float32 gradients of plain autocast, bit for bit, and the copy gets no gradient."""
+    from nanoseek.model.presets import tiny_llama
+    from nanoseek.train.grpo import GRPOConfig, rollout_model
+    torch.manual_seed(0)
+    model = Transformer(tiny_llama(vocab_size=64)).train()
+    copy = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))
+    g = Group(None, [3, 7, 11, 2, 5], completion_ids=[[20, 21, 9, 1], [22, 1], [30, 31, 32]])
+    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4, pad_id=0)
+    plain, shared = GRPOLoss(model, GRPOConfig()), GRPOLoss(model, GRPOConfig())
+    assert shared.share_casts(copy) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    results = []
+    for loss_module in (plain, shared):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = loss_module(batch, [9])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert grad.dtype == torch.float32 and torch.equal(grad, results[1][1][name]), name
+    assert all(p.grad is None for p in copy.parameters())

@@ -374,10 +374,9 @@ def trim_heap() -> bool:
     keep_freed_memory makes the heap keep its peak for the engine's steady decode; work that
     allocates differently between engine runs (a GRPO update: gradients, AdamW's moments,
     autocast's bf16 casts) then lands in the holes and beside them, and the process's peak grows
-    step after step. Trimmed first, the update faults in only what it uses: SmolLM2's peak RSS in
-    `bench grpo` measured 2.92 GiB against 3.19 without, for the same seconds per step (an mmap
-    threshold of 256 KiB during the update also measured ~3.0 GiB, but cost 0.3 s a step in page
-    faults). A no-op (False) elsewhere than Linux/glibc.
+    step after step. Trimmed first, the update faults in only what it uses. The price is those
+    faults: on this project's VMs ~0.4 s per SmolLM2 GRPO update for ~0.6 GB (peak RSS in `bench
+    grpo` 2.98 against 3.18 GiB untrimmed). A no-op (False) elsewhere than Linux/glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -34,7 +34,7 @@ from ..configs import arg
 from ..engine.engine import trim_heap
 from ..engine.sampling import SamplingParams
 from ..model.cache import PackedCache, segment_mask
-from ..model.quant import park_quantized_, quantize_, requantize_
+from ..model.quant import QuantLinear, park_quantized_, quantize_, requantize_
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
 from .loop import TrainState, fast_bf16, start, train_step
@@ -177,6 +177,32 @@ def completion_logprobs(model: nn.Module, batch: dict, routing: list | None = No
     return token_logprobs(logits, labels[mask]), logits
 
 
+class _CastFrom(torch.autograd.Function):
+    """master.to(bfloat16) with the value supplied: the bf16 rollout copy already holds it, so autocast
+    finds the weight in bf16 and casts nothing; the gradient goes back to the float32 master in
+    float32, as autocast's own cast sends it (bit for bit the same step)."""
+
+    @staticmethod
+    def forward(ctx, master: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = master.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class _Completions(nn.Module):
+    """completion_logprobs as a module's forward, so torch.func.functional_call can swap its weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, routing: list):
+        return completion_logprobs(self.model, batch, routing)
+
+
 class GRPOLoss(nn.Module):
     """The policy's GRPO loss in one forward (loop.LossModel's contract, so DDP and train_step apply).
 
@@ -189,11 +215,28 @@ class GRPOLoss(nn.Module):
     def __init__(self, model: nn.Module, cfg: GRPOConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.__dict__["_completions"] = _Completions(model)      # not a submodule: the model is registered once
+        self._casts: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+
+    def share_casts(self, copy: nn.Module) -> int:
+        """Take the bf16 casts of the nn.Linear weights (and biases) from `copy`, a bfloat16 copy of
+        the model kept equal to its weights after every optimiser step (the rollout copy): under bf16
+        autocast the forward then casts no weight of its own, saving a pass over them and their
+        bf16 copies' memory while the update runs. Returns how many tensors are shared."""
+        copies = dict(copy.named_parameters())
+        self._casts = [(f"model.{module_name}.{name}", p, copies[f"{module_name}.{name}"])
+                       for module_name, module in self.model.named_modules() if isinstance(module, nn.Linear)
+                       for name, p in module.named_parameters(recurse=False)]
+        return len(self._casts)
 
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
         labels, routing = batch["labels"], []
         mask = labels != IGNORE
-        logprobs, logits = completion_logprobs(self.model, batch, routing)                      # (N,)
+        if self._casts and torch.is_autocast_enabled(batch["input_ids"].device.type):
+            weights = {name: _CastFrom.apply(p, cast) for name, p, cast in self._casts}
+            logprobs, logits = torch.func.functional_call(self._completions, weights, (batch, routing))   # (N,)
+        else:
+            logprobs, logits = completion_logprobs(self.model, batch, routing)
         old, ref = batch.get("old_logprobs"), batch.get("ref_logprobs")
         advantages = batch["advantages"][mask]                                                    # (N,)
         sums = grpo_loss_sums(logprobs, logprobs.detach() if old is None else old[mask], advantages,
@@ -358,15 +401,23 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     batches = _equal_batch_counts(batches, session, run["pad_id"])
     train_started = time.perf_counter()
     if batches:
-        park_rollout_model(run["rollout_model"], state.model)
-        trim_heap()                 # the update's peak is the run's: start it from the pages in use
+        # shared: the update reads the rollout copy's bf16 weights, so the copy stays, and so does the
+        # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and
+        # the update starts from a trimmed heap, its peak being the run's
+        shared = bool(state.loss_module._casts)
+        if not shared:
+            park_rollout_model(run["rollout_model"], state.model)
+            trim_heap()
         if run["reference"] is not None:
             sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
         if cfg.iterations > 1:
             sequence_logprobs(state.model, batches, "old_logprobs", session)
         for _ in range(cfg.iterations):
             update = train_step(state, batches)
-        refresh_rollout_model(run["rollout_model"], state.model)
+            if shared:              # the next forward's casts must be of the updated weights
+                refresh_rollout_model(run["rollout_model"], state.model)
+        if not shared:
+            refresh_rollout_model(run["rollout_model"], state.model)
         metrics.update({k: update[k] for k in ("policy_loss", "kl", "clip_fraction", "entropy", "lr", "grad_norm",
                                                "skipped_steps", "finite") if k in update})
         if "expert_load_max_over_mean" in update:
@@ -406,6 +457,9 @@ def main(cfg: GRPOConfig) -> None:
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)
     sampler = rollout_model(model, cfg, session.device)
+    if session.autocast == torch.bfloat16 and sampler is not model and sampler.embed.weight.dtype == torch.bfloat16 \
+            and not any(isinstance(m, QuantLinear) for m in sampler.modules()):
+        state.loss_module.share_casts(sampler)
     llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed,    # shares the weights, or their copy
               num_blocks=rollout_blocks(cfg, train + held_out, tokenizer))
     run = {"cfg": cfg, "llm": llm, "state": state, "reference": reference, "rewards": reward_functions(cfg),
