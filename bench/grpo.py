@@ -12,6 +12,7 @@ Measured: seconds per step (median and mean over the timed steps, after `warmup`
 process's peak RSS. The ratio is TRL's seconds per step over nanoseek's.
 
     python -m bench.grpo                       # G=4, 1 prompt/step, 64 new tokens, beta 0, 10 steps
+    python -m bench.grpo --min-new-tokens 64       # every completion 64 tokens: equal work per step
     python -m bench.grpo --beta 0.04 --steps 4
     nanoseek bench grpo --systems nanoseek     # one side only
 """
@@ -47,7 +48,8 @@ def run_nanoseek(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(model="smollm2-135m", task="arithmetic", task_knobs="digits=2,ops=+", out=out,
                          steps=args.warmup + args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr,
+                         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                         temperature=args.temperature, lr=args.lr,
                          beta=args.beta, eval_every=0, eval_size=1, save_every=10**6, template="chat",
                          rollout_dtype=args.rollout_dtype)
         main(cfg)
@@ -94,6 +96,7 @@ def run_trl(args) -> dict:
                             per_device_train_batch_size=args.group_size * args.prompts,
                             max_completion_length=args.max_new_tokens, max_steps=args.warmup + args.steps,
                             beta=args.beta, learning_rate=args.lr, temperature=args.temperature,
+                            generation_kwargs={"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None,
                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     trainer = trl.GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=data,
@@ -122,6 +125,8 @@ def main(argv=None, prog: str = "python -m bench.grpo") -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=1, help="problems per step")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="ban EOS before this many tokens in both systems (64: every step does the same work)")
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=5e-6)
@@ -135,7 +140,8 @@ def main(argv=None, prog: str = "python -m bench.grpo") -> None:
     results = {s: _child(s, args) for s in args.systems.split(",")}
     cpu = cpu_name()
     print(f"CPU: {cpu}; G={args.group_size}, {args.prompts} prompt(s)/step, {args.max_new_tokens} new tokens, "
-          f"beta={args.beta}, {args.steps} timed steps")
+          f"beta={args.beta}, {args.steps} timed steps"
+          + (f", completions of at least {args.min_new_tokens} tokens" if args.min_new_tokens else ""))
     print(f"{'system':<10} {'median s/step':>14} {'mean s/step':>12} {'peak RSS GiB':>13}")
     for system, r in results.items():
         if "error" in r:

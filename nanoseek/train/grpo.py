@@ -62,6 +62,7 @@ class GRPOConfig:
     group_size: int = arg(8, "G: completions per prompt")
     prompts_per_step: int = arg(8, "problems per step (split across processes under torchrun)")
     max_new_tokens: int = arg(96, "longest completion")
+    min_new_tokens: int = arg(0, "shortest completion: EOS is banned before it (a benchmark's fixed length)")
     temperature: float = arg(0.7, "rollout sampling temperature")
     top_p: float = arg(1.0, "rollout nucleus mass")
     template: str = arg("chat", "prompt template", choices=TEMPLATES)
@@ -386,6 +387,7 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     cfg, llm, state, session = run["cfg"], run["llm"], run["state"], run["state"].session
     started = time.perf_counter()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            min_tokens=cfg.min_new_tokens,
                             stop=["</answer>"] if cfg.template == "r1_zero" else None,
                             include_stop_str_in_output=True)
     seed = (cfg.seed * 100_003 + step) * 1009 + session.rank * 100_000
