@@ -214,7 +214,8 @@ def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
     """The bf16 rollout copy gives its memory back during the update, then holds the new weights
     and biases (MoE gate buffers included), in bfloat16, and its engine's cache sees the change."""
     from nanoseek.model.presets import tiny_deepseek_v3
-    from nanoseek.train.grpo import GRPOConfig, park_rollout_model, refresh_rollout_model, rollout_model
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.rollout import park_rollout_model, refresh_rollout_model, rollout_model
     model = Transformer(tiny_deepseek_v3())
     shadow = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))
     versions = [p._version for p in shadow.parameters()]
@@ -237,7 +238,8 @@ def test_an_int8_rollout_copy_requantises_to_the_updated_weights(preset):
     nothing and refreshes to exactly the integers and outputs a fresh copy of the new weights has."""
     from nanoseek.model import kernels, presets
     from nanoseek.model.quant import QuantLinear, pack_int8_
-    from nanoseek.train.grpo import GRPOConfig, park_rollout_model, refresh_rollout_model, rollout_model
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.rollout import park_rollout_model, refresh_rollout_model, rollout_model
     torch.manual_seed(0)
     model, cfg, cpu = Transformer(getattr(presets, preset)()), GRPOConfig(rollout_dtype="int8"), torch.device("cpu")
     shadow = rollout_model(model, cfg, cpu)
@@ -266,7 +268,8 @@ def test_an_update_on_the_rollout_copys_bf16_casts_equals_autocasts_bit_for_bit(
     """share_casts (the forward takes nn.Linear weights' bf16 casts from the bf16 rollout copy) gives
     the loss and float32 gradients of plain autocast, bit for bit, and the copy gets no gradient."""
     from nanoseek.model.presets import tiny_llama
-    from nanoseek.train.grpo import GRPOConfig, rollout_model
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.rollout import rollout_model
     torch.manual_seed(0)
     model = Transformer(tiny_llama(vocab_size=64)).train()
     copy = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))

@@ -19,7 +19,6 @@ Every `eval_every` steps the held-out split is answered greedily and its accurac
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -34,10 +33,10 @@ from ..configs import arg
 from ..engine.engine import trim_heap
 from ..engine.sampling import SamplingParams
 from ..model.cache import PackedCache, segment_mask
-from ..model.quant import QuantLinear, park_quantized_, quantize_, requantize_
+from ..model.quant import QuantLinear
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
-from .loop import TrainState, fast_bf16, start, train_step
+from .loop import TrainState, start, train_step
 from .losses import (
     IGNORE,
     group_advantages,
@@ -48,7 +47,15 @@ from .losses import (
 )
 from .metrics import MetricsLog, progress
 from .optim import build_optimizer
-from .rollout import TEMPLATES, rollout, score, training_rows
+from .rollout import (
+    TEMPLATES,
+    park_rollout_model,
+    refresh_rollout_model,
+    rollout,
+    rollout_model,
+    score,
+    training_rows,
+)
 from .state import save_checkpoint
 
 
@@ -107,29 +114,6 @@ def smollm2_addition() -> GRPOConfig:
 PRESETS = {f.__name__: f for f in (smollm2_addition,)}
 
 
-def rollout_model(model: nn.Module, cfg: GRPOConfig, device: torch.device) -> nn.Module:
-    """The model the engine samples from (`--rollout-dtype`): the trained float32 weights themselves,
-    or a copy refreshed after every update. Decoding reads every weight each step, so fewer bytes
-    per weight is the speed; `auto` is a bfloat16 copy where bf16 is fast (what LLM's own default
-    bets on). int8 (the engine's W8A8 linears on oneDNN-prepacked weights) samples SmolLM2's
-    rollouts ~1.5x faster than bf16 at 4 rows, but its per-token activation rounding costs
-    quality: greedy 2-digit addition 21.5% against 26.0%, with longer answers (docs/benchmarks.md),
-    so it stays opt-in. The log-probs of the update always come from the trained weights, so the
-    first ratio stays exactly 1."""
-    want = cfg.rollout_dtype
-    if want == "auto":
-        want = "bfloat16" if fast_bf16(device) else "float32"
-    if want == "float32":
-        return model
-    shadow = copy.deepcopy(model).eval().requires_grad_(False)
-    if want == "int8":
-        if device.type != "cpu":
-            raise ValueError(f"rollout_dtype=int8 runs CPU kernels: the model is on {device}")
-        quantize_(shadow, bits=8, head=True)
-        return shadow.to(torch.bfloat16) if fast_bf16(device) else shadow
-    return shadow.to(torch.bfloat16)
-
-
 def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -> int:
     """KV blocks for the largest batch a step or an evaluation puts in flight, not the engine's 1 GB
     default: a GRPO step holds P·G sequences of at most prompt + max_new_tokens tokens (the prompt's
@@ -138,24 +122,6 @@ def rollout_blocks(cfg: GRPOConfig, problems, tokenizer, block_size: int = 16) -
     longest = max(len(prompt_ids(tokenizer, p.prompt, cfg.template)) for p in problems[:256])
     per_seq = -(-(longest + cfg.max_new_tokens) // block_size) + 1
     return int(1.25 * per_seq * max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size)) + 8
-
-
-@torch.no_grad()
-def park_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
-    """Free the rollout copy's weights while the update runs: the update's peak (weights, gradients,
-    AdamW's two moments, autocast's bf16 casts) is the run's peak, and the copy adds an eighth
-    (int8) or a quarter (bf16) of the float32 weights to it. refresh_rollout_model brings them back."""
-    if shadow is not model:
-        park_quantized_(shadow)
-
-
-@torch.no_grad()
-def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
-    """Requantise or copy the updated weights (and buffers: MoE gate biases) into the rollout copy,
-    re-allocating parked ones; the copy bumps its parameters' versions, so its engine drops its
-    prefix cache."""
-    if shadow is not model:
-        requantize_(shadow, model)
 
 
 def completion_logprobs(model: nn.Module, batch: dict, routing: list | None = None
