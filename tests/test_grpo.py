@@ -105,7 +105,7 @@ def test_importance_ratio_is_exactly_one_on_the_first_update(tiny):
     from nanoseek.train.loop import Session
     model = load_model(tiny[0]).train()
     g = Group(None, [1, 5, 9], completion_ids=[[20, 21, 1], [22, 1]])
-    batches = training_rows([g], torch.tensor([[1.0, -1.0]]), micro_batch_size=2, pad_id=0)
+    batches = training_rows([g], torch.tensor([[1.0, -1.0]]), micro_batch_size=2)
     # the prompt but its last token once, then each completion (shortest first) behind that token
     assert batches[0]["input_ids"].tolist() == [[1, 5, 9, 22, 9, 20, 21]]
     assert batches[0]["positions"].tolist() == [[0, 1, 2, 3, 2, 3, 4]]
@@ -131,7 +131,7 @@ def test_packed_group_equals_full_sequences_with_their_gradients(preset):
     torch.manual_seed(0)
     model = Transformer(getattr(presets, preset)(vocab_size=64)).train()
     g = Group(None, [3, 7, 11, 2, 5], completion_ids=[[20, 21, 9, 1], [22, 1], [30, 31, 32]])
-    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4, pad_id=0)
+    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4)
     shared, _ = completion_logprobs(model, batch)
     (shared * torch.arange(1.0, shared.numel() + 1)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -274,7 +274,7 @@ def test_an_update_on_the_rollout_copys_bf16_casts_equals_autocasts_bit_for_bit(
     model = Transformer(tiny_llama(vocab_size=64)).train()
     copy = rollout_model(model, GRPOConfig(rollout_dtype="bfloat16"), torch.device("cpu"))
     g = Group(None, [3, 7, 11, 2, 5], completion_ids=[[20, 21, 9, 1], [22, 1], [30, 31, 32]])
-    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4, pad_id=0)
+    (batch,) = training_rows([g], torch.tensor([[1.0, -0.5, 0.25]]), micro_batch_size=4)
     plain, shared = GRPOLoss(model, GRPOConfig()), GRPOLoss(model, GRPOConfig())
     assert shared.share_casts(copy) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     results = []

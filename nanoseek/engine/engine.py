@@ -340,18 +340,21 @@ def row_width(counts: list[int], computed: list[int]) -> int:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters, from glibc's malloc.h
-_KEPT_MMAP_THRESHOLD = 32 * 2**20                        # glibc's largest: keep_freed_memory's setting
-_kept = False                                            # whether keep_freed_memory applied
+
+
+def _glibc(name: str):
+    """glibc's function `name`, or None where there is none (not Linux; musl and other C libraries)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def _mallopt(param: int, value: int) -> bool:
-    """glibc's mallopt; False where there is none (not Linux, musl and other C libraries)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(param, value))
 
 
 def keep_freed_memory() -> bool:
@@ -363,9 +366,7 @@ def keep_freed_memory() -> bool:
     this (int4, bf16). The cost is that the process keeps its peak heap. A no-op elsewhere than
     Linux/glibc; returns whether the settings were applied.
     """
-    global _kept
-    _kept = _mallopt(_M_MMAP_THRESHOLD, _KEPT_MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, 2**30)
-    return _kept
+    return _mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) and _mallopt(_M_TRIM_THRESHOLD, 2**30)
 
 
 def trim_heap() -> bool:
@@ -378,9 +379,5 @@ def trim_heap() -> bool:
     faults: on this project's VMs ~0.4 s per SmolLM2 GRPO update for ~0.6 GB (peak RSS in `bench
     grpo` 2.98 against 3.18 GiB untrimmed). A no-op (False) elsewhere than Linux/glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))

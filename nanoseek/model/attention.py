@@ -18,7 +18,6 @@ from . import kernels
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary, yarn_mscale
 
-
 MATMUL_MAX_T = 128     # CPU: up to this many tokens, two matmuls beat torch's flash kernel (see _attend)
 
 

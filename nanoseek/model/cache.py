@@ -63,7 +63,6 @@ class DenseCache:
         return sum(b.element_size() * b[0, 0].numel() for layer in self.buffers for b in layer)
 
 
-
 class PackedCache:
     """The cache argument for one forward over packed sequences that see each other by a mask.
 

@@ -33,6 +33,7 @@ from .layers import MLP, apply_keeping_dtypes
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)     # what _weight_int4pack_mm_for_cpu accepts
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}   # the projections quantize_ fuses, and their parts
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, scale_dtype=KERNEL_DTYPE):
@@ -217,24 +218,24 @@ def pack_int8_(model: nn.Module) -> int:
 
 def _source_linear(source: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (weight, bias) in `source` (the unquantised model) that QuantLinear `name` of its
-    quantize_(..., bits=8) copy was made from: fused projections concatenate theirs, as _fuse did."""
+    quantize_ copy was made from: a fused projection concatenates its parts', as _fuse did."""
     if name == "head":
         lin = source.head if source.head is not None else source.embed
         return lin.weight, getattr(lin, "bias", None)
     parent_name, _, attr = name.rpartition(".")
     parent = source.get_submodule(parent_name)
-    parts = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}.get(attr) if getattr(parent, attr, None) is None else None
-    linears = [getattr(parent, a) for a in parts] if parts else [getattr(parent, attr)]
+    linears = [getattr(parent, a) for a in FUSED.get(attr, (attr,))]
     bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-    return torch.cat([lin.weight for lin in linears]) if parts else linears[0].weight, bias
+    return torch.cat([lin.weight for lin in linears]), bias
 
 
 @torch.no_grad()
-def requantize_(quantized: nn.Module, source: nn.Module) -> int:
-    """Re-derive the int8 layers of `quantized` (a copy of `source` after quantize_(bits=8)) from
-    `source`'s current weights, in place, prepacked oneDNN handles included; the other weights
-    (norms, embedding, gate biases) are copied. For a rollout copy of a model being trained: the
-    integers are exactly what quantize_ would give the new weights. Returns the layers requantised."""
+def refresh_copy_(quantized: nn.Module, source: nn.Module) -> int:
+    """Bring `quantized` (a copy of `source`, maybe through quantize_(bits=8), maybe in another
+    dtype) back to `source`'s current weights, in place: int8 layers requantised (prepacked oneDNN
+    handles included) to exactly the integers quantize_ would give, every other weight (norms,
+    embedding, gate biases, a plain copy's linears) copied, parked ones re-allocated. For a
+    rollout copy of a model being trained. Returns the int8 layers requantised."""
     from . import kernels
     n = 0
     for name, module in quantized.named_modules():
@@ -260,8 +261,8 @@ def requantize_(quantized: nn.Module, source: nn.Module) -> int:
 
 
 @torch.no_grad()
-def park_quantized_(quantized: nn.Module) -> None:
-    """Free the weights of a requantize_-able copy until its next requantize_: int8 integers and
+def park_copy_(quantized: nn.Module) -> None:
+    """Free the weights of a refresh_copy_-able copy until its next refresh_copy_: int8 integers and
     their packed handles, and the dense parameters' storage. The parameters stay the same tensors
     (storage resized to nothing, as FSDP frees a shard), so their version counters keep counting
     up and an engine that watches them sees the refresh."""

@@ -33,7 +33,6 @@ from ..configs import arg
 from ..engine.engine import trim_heap
 from ..engine.sampling import SamplingParams
 from ..model.cache import PackedCache, segment_mask
-from ..model.quant import QuantLinear
 from ..rewards import accuracy_reward, extract_answer, format_reward, is_correct
 from ..tasks import load_task
 from .loop import TrainState, start, train_step
@@ -186,15 +185,21 @@ class GRPOLoss(nn.Module):
         self._casts: list[tuple[str, nn.Parameter, torch.Tensor]] = []
 
     def share_casts(self, copy: nn.Module) -> int:
-        """Take the bf16 casts of the nn.Linear weights (and biases) from `copy`, a bfloat16 copy of
-        the model kept equal to its weights after every optimiser step (the rollout copy): under bf16
-        autocast the forward then casts no weight of its own, saving a pass over them and their
-        bf16 copies' memory while the update runs. Returns how many tensors are shared."""
-        copies = dict(copy.named_parameters())
+        """Take the bf16 casts of the nn.Linear weights (and biases) from `copy`, a copy of the model
+        kept equal to its weights after every optimiser step (the rollout copy), wherever it holds
+        them in bfloat16 under the same name (an int8 copy holds none): under bf16 autocast the
+        forward then casts none of those itself, saving a pass over them and their bf16 copies'
+        memory while the update runs. Returns how many tensors are shared."""
+        copies = {name: t for name, t in copy.named_parameters() if t.dtype == torch.bfloat16}
         self._casts = [(f"model.{module_name}.{name}", p, copies[f"{module_name}.{name}"])
                        for module_name, module in self.model.named_modules() if isinstance(module, nn.Linear)
-                       for name, p in module.named_parameters(recurse=False)]
+                       for name, p in module.named_parameters(recurse=False) if f"{module_name}.{name}" in copies]
         return len(self._casts)
+
+    @property
+    def reads_copy(self) -> bool:
+        """Whether the forward reads the copy given to share_casts (which must then stay allocated)."""
+        return bool(self._casts)
 
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
         labels, routing = batch["labels"], []
@@ -365,14 +370,14 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     keep = signal_groups(rewards)
     advantages = group_advantages(rewards)
     kept = [g for g, k in zip(groups, keep.tolist()) if k]
-    batches = training_rows(kept, advantages[keep], cfg.micro_batch_size, run["pad_id"])
+    batches = training_rows(kept, advantages[keep], cfg.micro_batch_size)
     batches = _equal_batch_counts(batches, session, run["pad_id"])
     train_started = time.perf_counter()
     if batches:
         # shared: the update reads the rollout copy's bf16 weights, so the copy stays, and so does the
         # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and
         # the update starts from a trimmed heap, its peak being the run's
-        shared = bool(state.loss_module._casts)
+        shared = state.loss_module.reads_copy
         if not shared:
             park_rollout_model(run["rollout_model"], state.model)
             trim_heap()
@@ -425,8 +430,7 @@ def main(cfg: GRPOConfig) -> None:
         step, state.step, state.skipped_steps = saved["step"], saved["optimizer_steps"], saved["skipped_steps"]
         log.truncate_after(step)
     sampler = rollout_model(model, cfg, session.device)
-    if session.autocast == torch.bfloat16 and sampler is not model and sampler.embed.weight.dtype == torch.bfloat16 \
-            and not any(isinstance(m, QuantLinear) for m in sampler.modules()):
+    if session.autocast == torch.bfloat16 and sampler is not model:
         state.loss_module.share_casts(sampler)
     llm = LLM(sampler, tokenizer=tokenizer, seed=cfg.seed,    # shares the weights, or their copy
               num_blocks=rollout_blocks(cfg, train + held_out, tokenizer))

@@ -15,7 +15,7 @@ Templates (`--template`):
 
     groups = rollout(llm, problems, template="chat", group_size=8, params=SamplingParams(...))
     rewards, per_reward = score(groups, reward_fns)
-    batches = training_rows(groups, advantages, micro_batch_size=8, pad_id=tok.pad_token_id or 0)
+    batches = training_rows(groups, advantages, micro_batch_size=8)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.sampling import SamplingParams
-from ..model.quant import park_quantized_, quantize_, requantize_
+from ..model.quant import park_copy_, quantize_, refresh_copy_
 from ..rewards import combine_rewards
 from .loop import fast_bf16
 from .losses import IGNORE
@@ -99,8 +99,7 @@ def score(groups: list[Group], reward_fns) -> tuple[torch.Tensor, dict[str, torc
     return torch.tensor(totals), {k: torch.tensor(v) for k, v in per_reward.items()}
 
 
-def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_size: int,
-                  pad_id: int) -> list[dict]:
+def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_size: int) -> list[dict]:
     """Each group's completions packed behind their shared prompt, one pack per micro-batch:
     {"input_ids", "positions", "segments", "labels"} (1, T) and "advantages" (1, T).
 
@@ -110,25 +109,24 @@ def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_siz
     model.cache.segment_mask each completion sees the prompt and itself, exactly as its own
     prompt + completion row would, and the prompt's forward runs once per pack, not once per
     sample. advantages holds each token's A_i (0 on the prompt). Completions are ordered by
-    length; the order is fixed by the data, so a replayed step packs identically. `pad_id` is
-    unused (packs have no padding) and kept for callers that pad.
+    length; the order is fixed by the data, so a replayed step packs identically. Packs have no
+    padding.
     """
     batches = []
     for group, adv in zip(groups, advantages):
         rows = sorted(((ids, a) for ids, a in zip(group.completion_ids, adv.tolist()) if ids), key=lambda r: len(r[0]))
-        prompt = group.prompt_ids
+        prompt, P = group.prompt_ids, len(group.prompt_ids)
         for start in range(0, len(rows), micro_batch_size):
-            ids, pos, seg, labels, advs = list(prompt[:-1]), list(range(len(prompt) - 1)), [0] * (len(prompt) - 1), \
-                [IGNORE] * (len(prompt) - 1), [0.0] * (len(prompt) - 1)
+            pack = {"input_ids": prompt[:-1], "positions": list(range(P - 1)), "segments": [0] * (P - 1),
+                    "labels": [IGNORE] * (P - 1), "advantages": [0.0] * (P - 1)}
             for b, (c, a) in enumerate(rows[start:start + micro_batch_size], start=1):
-                ids += prompt[-1:] + c[:-1]
-                pos += range(len(prompt) - 1, len(prompt) - 1 + len(c))
-                seg += [b] * len(c)
-                labels += c
-                advs += [a] * len(c)
+                pack["input_ids"] = pack["input_ids"] + prompt[-1:] + c[:-1]
+                pack["positions"] += range(P - 1, P - 1 + len(c))
+                pack["segments"] += [b] * len(c)
+                pack["labels"] += c
+                pack["advantages"] += [a] * len(c)
             batches.append({k: torch.tensor([v], dtype=torch.float32 if k == "advantages" else torch.long)
-                            for k, v in (("input_ids", ids), ("positions", pos), ("segments", seg),
-                                         ("labels", labels), ("advantages", advs))})
+                            for k, v in pack.items()})
     return batches
 
 
@@ -161,7 +159,7 @@ def park_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
     AdamW's two moments, autocast's bf16 casts) is the run's peak, and the copy adds an eighth
     (int8) or a quarter (bf16) of the float32 weights to it. refresh_rollout_model brings them back."""
     if shadow is not model:
-        park_quantized_(shadow)
+        park_copy_(shadow)
 
 
 @torch.no_grad()
@@ -170,4 +168,4 @@ def refresh_rollout_model(shadow: nn.Module, model: nn.Module) -> None:
     re-allocating parked ones; the copy bumps its parameters' versions, so its engine drops its
     prefix cache."""
     if shadow is not model:
-        requantize_(shadow, model)
+        refresh_copy_(shadow, model)

@@ -67,7 +67,9 @@ def read_documents(data, *, skip_bad: bool = False, builtin_size: int = 20_000,
                    seed: int = 0) -> tuple[list[tuple[str, str]], int]:
     """Pretraining documents [(where, text)] and the number of malformed rows skipped."""
     if data == "builtin":
-        from nanoseek.tasks.corpus import synthetic_documents  # lazily: only this data needs it
+        from nanoseek.tasks.corpus import (
+            synthetic_documents,  # lazily: only this data needs it
+        )
         rows = ((f"builtin:{i}", {"text": text}) for i, text in enumerate(synthetic_documents(builtin_size, seed)))
         return _collect("builtin", rows, _document, skip_bad)
     out, skipped = [], 0
