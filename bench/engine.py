@@ -109,21 +109,22 @@ class NanoseekRunner:
     """nanoseek's LLM: continuous batching and a prefix cache; TTFT from each request's own metrics."""
     has_prefix_cache = True
 
-    def __init__(self, model: str, dtype: str, quantization: str | None = None, compile: bool = False):
+    def __init__(self, model: str, dtype: str, quantization: str | None = None, compile: str = "auto"):
         from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
         # CPU like the peers, even where CUDA is available; options only when asked (older LLMs lack them)
         extra = {"quantization": quantization} if quantization not in (None, "auto") else {}
-        extra.update({"compile": True} if compile else {})
+        extra.update({"compile": compile} if compile != "auto" else {})
         self.make, self.params = (lambda: LLM(model, dtype=dtype, device="cpu", **extra)), SamplingParams
         start = time.perf_counter()
         self.llm, self.name, self.cache_hits = self.make(), "nanoseek", []
-        self.startup = [f"nanoseek: loading{' and compiling (warm-up)' if compile else ''} took "
+        compiled = bool(getattr(getattr(self.llm, "engine", None), "compiled", False))
+        self.startup = [f"nanoseek: loading{' and compiling (warm-up)' if compiled else ''} took "
                         f"{time.perf_counter() - start:.0f} s, not counted in any measurement."]
         weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
         self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
         chosen = getattr(self.llm, "quantization", extra.get("quantization"))     # what "auto" resolved to
         self.weights += f" + {chosen} linears" if chosen not in (None, "none") else ""
-        self.weights += ", compiled" if compile else ""
+        self.weights += ", compiled" if compiled else ""
 
     def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
         if hasattr(self.llm, "reset_prefix_cache"):
@@ -441,7 +442,8 @@ def parse_args(argv, prog: str):
     p.add_argument("--dtype", default="auto", help="nanoseek's weight dtype (auto: LLM's default)")
     p.add_argument("--quantization", default="auto",
                    help="nanoseek's quantization: auto (LLM's default) | none | int8 (W8A8) | int4 (weights)")
-    p.add_argument("--compile", action="store_true", help="torch.compile nanoseek's forward (warm-up not timed)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="nanoseek's torch.compile: auto (its default) | on | off (warm-up not timed)")
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="transformers' weight dtypes, comma list")
     p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: torch's)")

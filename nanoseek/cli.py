@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import add_config_args, arg, config_from_args
-from .engine.llm import QUANTIZATION_HELP, QUANTIZATIONS
+from .engine.llm import COMPILE_HELP, COMPILES, QUANTIZATION_HELP, QUANTIZATIONS
 from .server.config import ServeConfig
 from .eval import EvalConfig
 from .eval import main as eval_main
@@ -41,7 +41,7 @@ class GenerateConfig:
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
     quantization: str = arg("auto", QUANTIZATION_HELP, choices=list(QUANTIZATIONS))
-    compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
+    compile: str = arg("auto", COMPILE_HELP, choices=list(COMPILES))
 
 
 @dataclass

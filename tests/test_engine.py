@@ -1,6 +1,7 @@
 """Engine correctness: batched == one-at-a-time == full-forward greedy; seeds, stops, logprobs,
 preemption, aborts, prefix caching, n > 1, weight updates."""
 
+import os
 import platform
 import shutil
 import sys
@@ -251,32 +252,88 @@ def test_bad_requests_are_rejected_cleanly():
     assert not engine.has_unfinished()
 
 
+CXX = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+@CXX
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_compiled_engine_equals_eager_greedy_and_never_recompiles(monkeypatch, bits):
-    # one layer keeps torch.compile's warm-up short. head_dim 12 equals the decode mirror's first
-    # capacity (7-token warm-up prompts + HEADROOM 3, in blocks of 4): with duck sizing that
-    # coincidence made capacity a constant and each mirror rebuild recompiled. int4 layers add
-    # a shape class (int8 kernels above 8 rows); small prefills are padded into the larger one;
-    # int8 layers decode on prepacked weights (model/kernels.py), prefills on torch._int_mm
+    # head_dim 12 equals the decode mirror's first capacity (7-token warm-up prompts + HEADROOM 3,
+    # in blocks of 4): with duck sizing that coincidence made capacity a constant and each mirror
+    # rebuild recompiled. int4 layers add a shape class (int8 kernels above 8 rows); small
+    # prefills are padded into the larger one; int8 layers decode on prepacked weights
+    # (model/kernels.py), prefills on torch._int_mm. Two layers: both run one compiled block.
+    from torch._dynamo.utils import counters
     monkeypatch.setattr(DecodeMirror, "HEADROOM", 3)
     torch._dynamo.reset()          # graphs compiled by an earlier test would cover shapes warm-up missed
+    counters.clear()
     torch.manual_seed(0)
-    model = Transformer(tiny_llama(n_layers=1, head_dim=12 if bits is None else 16)).eval()
+    model = Transformer(tiny_llama(n_layers=2, head_dim=12 if bits is None else 16)).eval()
     if bits:
         quantize_(model, bits=bits)
     requests = {str(i): (p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(prompts(4, seed=3))}
     config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=256)   # warm-up prefills in one step
     compiled = Engine(model, EngineConfig(compile=True, **config))
-    assert compiled.pool.num_free == 64 and not compiled.has_unfinished()     # warm-up left nothing behind
+    assert compiled.compiled and compiled.pool.num_free == 64 and not compiled.has_unfinished()   # nothing left behind
+    # one graph per shape class for both layers: paged 1 row / several, mirrored 1 / several (/ int8 rows)
+    assert counters["frames"]["ok"] == (5 if bits == 4 else 4)
     eager = Engine(model, EngineConfig(**config))
     # a lone row of 24 tokens (warm-up's lone prefill had 7), its mirror rebuilt at new capacities
     alone = {"solo": (list(range(2, 26)), SamplingParams(max_tokens=12, **GREEDY))}
+    short = {"short": ([5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))}      # one block: padded to two
     with torch._dynamo.config.patch(error_on_recompile=True):      # warm-up covered every shape class
         assert run(compiled, alone) == run(eager, alone)
         assert run(compiled, requests, stagger=True) == run(eager, requests, stagger=True)
         assert run(compiled, alone) == run(eager, alone)     # a full prefix hit: a prefill of 1 token
+        assert run(compiled, short) == run(eager, short)
+
+
+@CXX
+def test_a_failed_compile_leaves_the_engine_eager_with_one_warning(monkeypatch, caplog):
+    from nanoseek.engine import engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+    monkeypatch.setattr(engine_module, "compiled_block", lambda: broken)
+    torch.manual_seed(0)
+    model = Transformer(tiny_llama(n_layers=1)).eval()
+    config = dict(num_blocks=64, block_size=4)
+    with caplog.at_level("WARNING", logger="nanoseek.engine.engine"):
+        engine = Engine(model, EngineConfig(compile=True, **config))
+    assert not engine.compiled and engine.pool.num_free == 64 and not engine.has_unfinished()
+    assert [r.message for r in caplog.records if "torch.compile failed" in r.message] == \
+        ["torch.compile failed, the engine runs eager from now on: RuntimeError: inductor exploded"]
+    requests = {str(i): (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts(3, seed=1))}
+    assert run(engine, requests) == run(Engine(model, EngineConfig(**config)), requests)
+
+
+SECOND_START = """
+import json, torch
+from torch._dynamo.utils import counters
+from nanoseek.engine.compiled import cache_counters
+from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.model import Transformer
+from nanoseek.model.presets import tiny_llama
+torch.manual_seed(0)
+Engine(Transformer(tiny_llama(n_layers=2)).eval(), EngineConfig(compile=True, num_blocks=64, block_size=4))
+print(json.dumps({**cache_counters(), "frames": counters["frames"]["ok"]}))
+"""
+
+
+@pytest.mark.slow
+@CXX
+def test_a_second_process_reads_the_compiled_graphs_from_the_disk_cache(tmp_path):
+    """Warm-up compiles; a second process with the same cache folder traces again but compiles
+    nothing (every inductor graph a cache hit), which is what makes its start short."""
+    import json
+    import subprocess
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", SECOND_START], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    first, second = runs
+    assert first["fxgraph_cache_miss"] == first["frames"] == 4 and first["fxgraph_cache_hit"] == 0
+    assert second["fxgraph_cache_miss"] == 0 and second["fxgraph_cache_hit"] == second["frames"] == 4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

@@ -65,11 +65,11 @@ def test_caches_return_heads_major_entries_that_reshape_without_a_copy():
     positions = torch.tensor([[5, 6], [1, 2]])
     slots = tables.gather(1, positions // 4) * 4 + positions % 4
     entry = torch.randn(2, 2, 2 * Hkv, D)
-    kv, mask = PagedCache(pool, slots, tables, positions).update(0, positions, entry)
+    kv, mask = PagedCache(pool, slots, tables, positions).layer(0).update(positions, entry)
     assert kv.shape == (2 * Hkv, 2, 8, D) and mask.shape == (2, 2, 8) and kv.is_contiguous()
     for half in (kv[:Hkv], kv[Hkv:]):
         assert half.reshape(Hkv * 2, 8, D).data_ptr() == half.data_ptr()     # a view, not a copy
     # row 0's token at position 5 sits at key 5 of its row; row 1's at position 2 at key 2
     assert torch.equal(kv[:, 0, 5], entry[0, 0]) and torch.equal(kv[:, 1, 2], entry[1, 1])
-    dense, _ = DenseCache(cfg, 2, 8).update(0, positions, entry)
+    dense, _ = DenseCache(cfg, 2, 8).layer(0).update(positions, entry)
     assert dense.shape == (2 * Hkv, 2, 7, D) and torch.equal(dense[:, 0, 5], entry[0, 0])

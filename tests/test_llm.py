@@ -91,7 +91,7 @@ def test_speculative_decoding_through_the_facade(llm):
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from test_gguf import write_tiny_gguf  # noqa: E402
 
-from nanoseek.engine.llm import _default_quantization  # noqa: E402
+from nanoseek.engine.llm import _default_compile, _default_quantization  # noqa: E402
 from nanoseek.model.quant import QuantLinear  # noqa: E402
 
 
@@ -124,8 +124,26 @@ def test_default_llm_runs_the_q4_gguf_on_int4_and_says_so(capsys):
     assert isinstance(llm.model.head, QuantLinear) and isinstance(llm.model.layers[0].attn.wqkv, QuantLinear)
     printed = capsys.readouterr().err
     assert printed.count("nanoseek: smollm2-135m: bfloat16 on cpu, int4 linears (the GGUF's own Q4_1 weights)") == 1
-    assert "eager" in printed and "C++ kernels" in printed
+    assert "C++ kernels on, compiled (int4 / int8 on the CPU)" in printed and llm.engine.compiled
+    assert "nanoseek: compiling the forward for batches of 1 (1/3" in printed         # progress while it compiles
     out = llm.generate(["What is 12 + 30?"], SamplingParams(max_tokens=8))[0]
     assert len(out.token_ids) == 8 or out.finish_reason == "stop"
     plain = LLM("smollm2-135m", dtype="bfloat16", quantization="none", num_blocks=64, verbose=False)
     assert not isinstance(plain.model.head, QuantLinear) and capsys.readouterr().err == ""
+
+
+def test_auto_compiles_the_cpu_kernels_path_only(monkeypatch):
+    """compile="auto" is on where it was measured to pay (int4 / int8 on the CPU, a C++ compiler
+    present); explicit choices win; anything else is refused."""
+    import nanoseek.engine.llm as llm_module
+    monkeypatch.setattr(llm_module.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert _default_compile("auto", "cpu", "int4") == (True, "int4 / int8 on the CPU")
+    assert _default_compile("auto", "cpu", "int8")[0]
+    assert _default_compile("auto", "cpu", None) == (False, "measured only for int4 / int8 on the CPU")
+    assert not _default_compile("auto", "cuda", None)[0]
+    assert _default_compile("off", "cpu", "int4") == (False, "asked for")
+    assert _default_compile(True, "cpu", None) == (True, "asked for") and _default_compile("on", "cpu", None)[0]
+    monkeypatch.setattr(llm_module.shutil, "which", lambda name: None)
+    assert _default_compile("auto", "cpu", "int4") == (False, "inductor needs a C++ compiler: none found")
+    with pytest.raises(ValueError, match="auto | on | off"):
+        _default_compile("fast", "cpu", "int4")

@@ -113,7 +113,7 @@ def test_decode_rows_take_the_prepacked_int8_matmul_with_the_same_integers(dtype
     assert torch.allclose(got, expected[0], rtol=rtol, atol=1e-6)
     assert (got != expected[0]).float().mean() < (0.5 if dtype == torch.float32 else 0.05)
     with pytest.raises(RuntimeError, match="unknown weight handle"):
-        torch.ops.nanoseek.int8_linear(decode[:, 0], 10**6, ql.scales)
+        torch.ops.nanoseek.int8_linear(decode[:, 0], torch.tensor(10**6), ql.scales)
 
 
 def test_pack_int8_gives_every_int8_layer_a_handle_once():

@@ -20,6 +20,8 @@ drops the prefix cache, so a cache hit never serves entries computed by older we
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -27,10 +29,13 @@ import torch
 
 from ..model import Transformer, kernels
 from ..model.quant import QuantLinear, pack_int8_
+from .compiled import compiled_block
 from .kv_cache import BlockPool, DecodeMirror, PagedCache
 from .sampling import SamplerState, SamplingParams, sample
 from .scheduler import Scheduler, Sequence
 from .speculative import MTPSpeculator, SpecStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +48,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None        # default: the model's max_position_embeddings
     num_speculative_tokens: int = 0         # MTP drafts verified per greedy decode step; 0 = off
-    compile: bool = False                   # torch.compile the forward (dynamic shapes), warmed up at start
+    compile: bool = False                   # torch.compile one block for every layer (compiled.py), warmed up at start
+    verbose: bool = False                   # say on stderr what a compile at start is doing
     keep_freed_memory: bool = True          # glibc: reuse freed activations instead of unmapping them
     mirror_decode: bool = True              # keep the decode batch's KV contiguous across steps (kv_cache.DecodeMirror)
 
@@ -90,15 +96,16 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)   # for unseeded requests
         self._params = list(model.parameters())      # read every step for their version counters
         self._weights_version = self._version()
-        self._hidden_states = model.hidden_states
+        self._block = None            # compiled: Block.forward for every layer (compiled.py)
         self._pad_paged = None        # compiled: (columns, tokens) a paged forward is padded to (see _run)
         if c.compile:
-            # size_asserts off: the generated wrapper otherwise re-checks every input's sizes and
-            # strides (dynamo's guards already did) and every extern kernel's output, ~660 Python
-            # calls a decode step, 0.8 of 2.4 ms of the wrapper's time per SmolLM2 token
-            self._hidden_states = torch.compile(model.hidden_states, dynamic=True, options={"size_asserts": False})
-            self._pad_paged = (2, int4_rows(model) + 1)
-            self.warmup()
+            self._block, self._pad_paged = compiled_block(), (2, int4_rows(model) + 1)
+            try:
+                self.warmup(verbose=c.verbose)
+            except Exception as e:    # noqa: BLE001 - whatever the compiler raised, eager still works
+                for request_id in list(self.requests):
+                    self.abort(request_id)
+                self._eager(e)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
@@ -135,18 +142,27 @@ class Engine:
             if seq.index == index and seq.finish_reason is None:
                 self.finish(seq, reason)
 
-    def warmup(self) -> None:
+    def warmup(self, verbose: bool = False) -> None:
         """Run each shape class a compiled forward specialises on, so no real request pays for
         compiling: paged forwards (prefill, verify; see _run) of 1 row and of several, mirrored
         decodes of 1 row, of several up to `int4_rows` (int4 kernels) and of more (int8). The
         pool is left as it was."""
         bs = self.config.block_size
-        for n in sorted({1, 2, int4_rows(self.model) + 1}):
+        sizes = sorted({1, 2, int4_rows(self.model) + 1})
+        for k, n in enumerate(sizes, 1):
+            if verbose:
+                print(f"nanoseek: compiling the forward for batches of {n} ({k}/{len(sizes)}; cached on disk for "
+                      f"the next start: {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", file=sys.stderr, flush=True)
             for i in range(n):
                 self.add_request(f"__warmup_{i}", [i + 1] * (bs + 3 + i), SamplingParams(max_tokens=3, ignore_eos=True))
             while self.has_unfinished():
                 self.step()
         self.reset_prefix_cache()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether forwards run the compiled block (False when compile is off or failed)."""
+        return self._block is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -225,8 +241,19 @@ class Engine:
                 width = max(T, columns, -(-tokens // R))
                 if width > T:
                     ids, positions = (torch.cat([t, t[:, -1:].expand(R, width - T)], 1) for t in (ids, positions))
-            cache = PagedCache.for_rows(self.pool, tables, positions)
-        return self._hidden_states(ids, positions, cache)[:, :T]
+            # compiled: at least 2 blocks a row, since dynamo specialises a size of 1 (a new graph)
+            cache = PagedCache.for_rows(self.pool, tables, positions, min_blocks=2 if self._pad_paged else 1)
+        if self._block is not None:
+            try:
+                return self.model.hidden_states(ids, positions, cache, block=self._block)[:, :T]
+            except Exception as e:    # noqa: BLE001 - a new shape that fails to compile: eager from here on
+                self._eager(e)        # (rerunning rewrites the same cache entries: exact)
+        return self.model.hidden_states(ids, positions, cache)[:, :T]
+
+    def _eager(self, error: Exception) -> None:
+        log.warning("torch.compile failed, the engine runs eager from now on: %s: %s",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        self._block = self._pad_paged = None
 
     def _forward(self, seqs: list[Sequence], counts: list[int], need_logits: bool = True, mirror=None):
         """Run the next counts[i] tokens of seqs[i] in one forward; logits (B, vocab) at each sequence's

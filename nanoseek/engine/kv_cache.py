@@ -122,16 +122,28 @@ class PagedCache:
         self.block_rows = block_rows(pool, block_tables)
 
     @classmethod
-    def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor) -> PagedCache:
-        """New tokens at positions (B, T) of rows whose blocks are block_tables: each goes to its slot."""
-        bs, tables = pool.block_size, padded_tables(block_tables, positions.device)     # (B, W)
+    def for_rows(cls, pool: BlockPool, block_tables: list[list[int]], positions: torch.Tensor,
+                 min_blocks: int = 1) -> PagedCache:
+        """New tokens at positions (B, T) of rows whose blocks are block_tables: each goes to its slot.
+        Every row sees at least `min_blocks` blocks (padding: block 0, masked)."""
+        bs, tables = pool.block_size, padded_tables(block_tables, positions.device, min_blocks)     # (B, W)
         slots = tables.gather(1, positions // bs) * bs + positions % bs                                  # (B, T)
         return cls(pool, slots, tables, positions)
 
-    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
+    def layer(self, i: int) -> _PagedLayer:
+        return _PagedLayer(self, self.pool.tensors[i])
+
+
+class _PagedLayer:
+    """One layer of a PagedCache: that layer's pool tensors, and the forward's slots, blocks and mask."""
+
+    def __init__(self, cache: PagedCache, tensors: list[torch.Tensor]):
+        self.tensors, self.slots, self.block_rows, self.mask = tensors, cache.slots, cache.block_rows, cache.mask
+
+    def update(self, positions: torch.Tensor, *entries: torch.Tensor):
         """Write entries (B, T, *shape); return each as (heads, B, S, width), and the mask (B, T, S)."""
         out = []
-        for buf, entry in zip(self.pool.tensors[layer_id], entries):
+        for buf, entry in zip(self.tensors, entries):
             heads, width = buf.shape[0], buf.shape[3]
             new = entry.reshape(-1, heads, width).transpose(0, 1)                # (heads, B*T, width)
             _slots(buf).index_copy_(1, self.slots, new.to(buf.dtype))
@@ -139,9 +151,9 @@ class PagedCache:
         return (*out, self.mask)
 
 
-def padded_tables(block_tables: list[list[int]], device) -> torch.Tensor:
-    """Block tables of different lengths as one (B, W) tensor, padded with block 0 (masked keys)."""
-    width = max(len(t) for t in block_tables)
+def padded_tables(block_tables: list[list[int]], device, min_width: int = 1) -> torch.Tensor:
+    """Block tables of different lengths as one (B, W >= min_width) tensor, padded with block 0 (masked keys)."""
+    width = max(min_width, *(len(t) for t in block_tables))
     return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=device)
 
 
@@ -268,12 +280,23 @@ class MirroredCache:
         rows = torch.arange(B, device=device).unsqueeze(1)
         self.flat = (rows * mirror.capacity + positions).flatten()                      # (B*T,) mirror slots
 
-    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
-        if layer_id >= self.mirror.n_layers:
-            raise ValueError(f"layer {layer_id} is an MTP layer: the decode mirror holds the main layers only")
-        for buf, mirror, entry in zip(self.mirror.pool.tensors[layer_id], self.mirror.tensors[layer_id], entries):
+    def layer(self, i: int) -> _MirroredLayer:
+        if i >= self.mirror.n_layers:
+            raise ValueError(f"layer {i} is an MTP layer: the decode mirror holds the main layers only")
+        return _MirroredLayer(self, self.mirror.pool.tensors[i], self.mirror.tensors[i])
+
+
+class _MirroredLayer:
+    """One layer of a MirroredCache: its pool tensors and their mirrors."""
+
+    def __init__(self, cache: MirroredCache, tensors: list[torch.Tensor], mirrors: list[torch.Tensor]):
+        self.tensors, self.mirrors = tensors, mirrors
+        self.slots, self.flat, self.mask = cache.slots, cache.flat, cache.mask
+
+    def update(self, positions: torch.Tensor, *entries: torch.Tensor):
+        for buf, mirror, entry in zip(self.tensors, self.mirrors, entries):
             heads, width = buf.shape[0], buf.shape[3]
             new = entry.reshape(-1, heads, width).transpose(0, 1).to(buf.dtype)      # (heads, B*T, width)
             _slots(buf).index_copy_(1, self.slots, new)
             mirror.view(heads, -1, width).index_copy_(1, self.flat, new.to(mirror.dtype))
-        return (*self.mirror.tensors[layer_id], self.mask)       # each (heads, B, capacity, width)
+        return (*self.mirrors, self.mask)       # each (heads, B, capacity, width)

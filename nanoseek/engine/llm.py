@@ -12,6 +12,7 @@ R1-style `<think>` reasoning is split from the answer.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -104,6 +105,23 @@ _GGUF_INT4 = {"Q4_0", "Q4_1", "Q4_K"}
 QUANTIZATIONS = ("auto", "none", "int4", "int8")          # the `quantization` flag's choices, everywhere
 QUANTIZATION_HELP = ("auto (int4 for a 4-bit GGUF on the CPU, else none) | none | int4 (weights) | "
                      "int8 (weights and activations): CPU kernels")
+COMPILES = ("auto", "on", "off")                                  # the `compile` flag's choices
+COMPILE_HELP = ("auto (on for int4 / int8 on the CPU: ~1 min the first start, ~20 s after, cached on disk) "
+                "| on | off: torch.compile one block for every layer (engine/compiled.py)")
+
+
+def _default_compile(compile, device, quantization: str | None) -> tuple[bool, str]:
+    """(compile, why) for `compile="auto"`: on where it was measured to pay, the CPU kernels'
+    int4 / int8 decode (engine/compiled.py; docs/benchmarks.md), given a C++ compiler for inductor."""
+    if compile not in (True, False, *COMPILES):
+        raise ValueError(f"compile={compile!r}: {' | '.join(COMPILES)} (or a bool)")
+    if compile in (True, False, "on", "off"):
+        return compile in (True, "on"), "asked for"
+    if str(device) != "cpu" or quantization is None:
+        return False, "measured only for int4 / int8 on the CPU"
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return False, "inductor needs a C++ compiler: none found"
+    return True, "int4 / int8 on the CPU"
 
 
 def _default_quantization(source, device: str, dtype: str, quantization: str | None) -> tuple[str | None, str]:
@@ -137,9 +155,11 @@ def _default_quantization(source, device: str, dtype: str, quantization: str | N
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", tokenizer=None,
-                 seed: int = 0, quantization: str | None = "auto", verbose: bool = True, **engine_kwargs):
-        """`quantization`: auto (see _default_quantization) | none | int4 | int8. A model loaded from a
-        name or path prints the configuration chosen, once, on stderr (verbose=False: silent)."""
+                 seed: int = 0, quantization: str | None = "auto", compile: bool | str = "auto", verbose: bool = True,
+                 **engine_kwargs):
+        """`quantization`: auto (see _default_quantization) | none | int4 | int8; `compile`: auto (see
+        _default_compile) | on | off, or a bool. A model loaded from a name or path prints the
+        configuration chosen, once, on stderr (verbose=False: silent)."""
         source = model
         device, dtype = _default_device_dtype(device, dtype)
         quantization, why = _default_quantization(source, device, dtype, quantization)
@@ -154,13 +174,16 @@ class LLM:
                 raise ValueError(f"quantization={quantization!r} runs CPU kernels: the model is on "
                                  f"{model.embed.weight.device}")
             quantize_(model, bits=int(quantization[3:]), head=True)
-        self.engine = Engine(self.model, EngineConfig(**engine_kwargs), self.tokenizer.eos_token_ids, seed)
+        compiling, compile_why = _default_compile(compile, device, quantization)
+        engine_kwargs.setdefault("verbose", verbose and isinstance(source, (str, Path)))    # compile progress
+        self.engine = Engine(self.model, EngineConfig(compile=compiling, **engine_kwargs), self.tokenizer.eos_token_ids,
+                             seed)
         self._next_id = 0
         self.choice = (f"{self.engine.dtype}".replace("torch.", "") + f" on {self.engine.device}, "
                        + (f"{quantization} linears ({why})" if quantization else f"no quantization ({why})")
                        + f", C++ kernels {'on' if kernels_loaded() else 'off'}, "
-                       + ("compiled" if self.engine.config.compile else "eager (compile=True: faster decoding "
-                                                                         "after minutes of warm-up)"))
+                       + (f"compiled ({compile_why})" if self.engine.compiled else
+                          f"eager ({'the compile failed' if compiling else compile_why})"))
         if verbose and isinstance(source, (str, Path)):
             print(f"nanoseek: {source}: {self.choice}", file=sys.stderr, flush=True)
 

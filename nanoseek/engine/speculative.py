@@ -214,7 +214,7 @@ class MTPSpeculator:
             next_ids = torch.tensor([[tokens[b][p + j] for p in pos] for b, pos in enumerate(positions)],
                                     device=device)                                       # (B, W) t_{p+j}
             # the module itself, not mtp_forward: only the drafting rows' last position needs logits
-            prev = model.mtp[j - 1](prev, model.embed(next_ids), rope, positions_t, cache)   # (B, W, D) h^j
+            prev = model.mtp[j - 1](prev, model.embed(next_ids), rope, positions_t, model.mtp_cache(cache, j))   # (B, W, D) h^j
             if drafting:
                 picks = model.output_head(prev[batch, last][drafting]).argmax(-1).tolist()
                 for b, token in zip(drafting, picks):
@@ -241,7 +241,7 @@ class MTPSpeculator:
             prev = last_hidden[live].unsqueeze(1)                                        # (R, 1, D)
             cache = PagedCache.for_rows(self.pool, [s.block_table for s in seqs], positions)
             rope = model.rotary(positions, prev.dtype)
-            h = model.mtp[K - 1](prev, model.embed(ids), rope, positions, cache)[:, 0]               # (R, D)
+            h = model.mtp[K - 1](prev, model.embed(ids), rope, positions, model.mtp_cache(cache, K))[:, 0]               # (R, D)
             for b, token in zip(live, model.output_head(h).argmax(-1).tolist()):
                 drafts[b].append(token)
             last_hidden = last_hidden.index_copy(0, torch.tensor(live, device=device), h)

@@ -123,9 +123,9 @@ def _bias(mask: torch.Tensor) -> torch.Tensor:
 class GQA(nn.Module):
     """Grouped-query attention with RoPE on the whole head (Llama, Qwen2)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = layer_id, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -148,7 +148,7 @@ class GQA(nn.Module):
         if cache is None:
             o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
         else:
-            kv, mask = cache.update(self.layer_id, positions, torch.cat([k, v], dim=2))   # (2*Hkv, B, S, D)
+            kv, mask = cache.update(positions, torch.cat([k, v], dim=2))   # (2*Hkv, B, S, D)
             # attention runs in the cache's dtype (the engine's decode mirror may keep float32 for a lone row)
             o = _attend_cached(q.transpose(1, 2).to(kv.dtype), kv[:Hkv], kv[Hkv:], mask, self.scale).to(x.dtype)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
@@ -157,9 +157,9 @@ class GQA(nn.Module):
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE (DeepSeek-V2 §2.1.3)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer_id, self.n_heads = layer_id, cfg.n_heads
+        self.n_heads = cfg.n_heads
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.interleave = cfg.rope_interleave
@@ -193,7 +193,7 @@ class MLA(nn.Module):
         if cache is None:
             o = self.attend_naive(q_nope, q_pe, kv, k_pe)
         else:
-            latent, mask = cache.update(self.layer_id, positions, torch.cat([kv, k_pe], dim=-1))   # (1, B, S, C + R)
+            latent, mask = cache.update(positions, torch.cat([kv, k_pe], dim=-1))   # (1, B, S, C + R)
             o = self.attend_absorbed(q_nope, q_pe, latent[0], mask)
         return self.wo(o.reshape(B, T, -1))
 

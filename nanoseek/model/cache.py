@@ -1,8 +1,11 @@
 """The cache argument of the model: what attention layers store per token, and the simplest store.
 
-An attention layer computes its per-token cache entries and hands them to `cache.update(layer_id,
-positions, *entries)`; the cache writes them at the given positions and returns every entry the
-queries may see, heads-major as (heads, B, S, width), plus a boolean mask (B, T, S). Heads-major
+The model hands each block its own layer of the cache, `cache.layer(i)` (MTP depth k gets layer
+n_layers + k - 1). An attention layer computes its per-token cache entries and hands them to
+`layer_cache.update(positions, *entries)`; it writes them at the given positions and returns every
+entry the queries may see, heads-major as (heads, B, S, width), plus a boolean mask (B, T, S). A
+layer's cache holds that layer's tensors, not a layer number, so a block's code is the same for
+every layer (the engine compiles one graph for them all). Heads-major
 is how the engine's caches store keys, so attention's batched matmuls read them without a copy.
 What a layer stores:
 
@@ -42,7 +45,20 @@ class DenseCache:
         self.buffers = [[torch.zeros(batch_size, max_len, *shape, dtype=dtype, device=device)
                          for shape in cache_entry_shapes(cfg)] for _ in range(n_layers)]
 
-    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
+    def layer(self, i: int) -> _DenseLayer:
+        return _DenseLayer(self.buffers[i], self.max_len)
+
+    def nbytes_per_token(self) -> int:
+        return sum(b.element_size() * b[0, 0].numel() for layer in self.buffers for b in layer)
+
+
+class _DenseLayer:
+    """One layer of a DenseCache: its buffers (B, max_len, *entry)."""
+
+    def __init__(self, buffers: list[torch.Tensor], max_len: int):
+        self.buffers, self.max_len = buffers, max_len
+
+    def update(self, positions: torch.Tensor, *entries: torch.Tensor):
         """Write entries (B, T, ...) at positions (B, T); return the entries of positions < S, each
         (heads, B, S, width) (heads = 1 for a one-dimensional entry), and mask (B, T, S)."""
         B, T = positions.shape
@@ -51,16 +67,13 @@ class DenseCache:
         rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
         S = int(positions.max()) + 1
         out = []
-        for buf, entry in zip(self.buffers[layer_id], entries):
+        for buf, entry in zip(self.buffers, entries):
             buf[rows, positions] = entry.to(buf.dtype)
             seen = buf[:B, :S]
             out.append(seen.permute(2, 0, 1, 3) if seen.dim() == 4 else seen.unsqueeze(0))
         keys = torch.arange(S, device=positions.device)
         mask = keys.view(1, 1, S) <= positions.unsqueeze(-1)          # (B, T, S)
         return (*out, mask)
-
-    def nbytes_per_token(self) -> int:
-        return sum(b.element_size() * b[0, 0].numel() for layer in self.buffers for b in layer)
 
 
 class PackedCache:
@@ -76,7 +89,10 @@ class PackedCache:
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
 
-    def update(self, layer_id: int, positions: torch.Tensor, *entries: torch.Tensor):
+    def layer(self, i: int) -> PackedCache:
+        return self                              # it stores nothing: every layer's is the same
+
+    def update(self, positions: torch.Tensor, *entries: torch.Tensor):
         """entries (B, T, ...) -> the same entries heads-major (heads, B, T, width) and the mask (B, T, T)."""
         if self.mask.shape != (*positions.shape, positions.shape[1]):
             raise ValueError(f"PackedCache: mask {tuple(self.mask.shape)} does not fit tokens {tuple(positions.shape)}")

@@ -123,27 +123,29 @@ def decode_attention(q, k, v, mask, scale: float):
     return torch.ops.nanoseek.decode_attention(q.squeeze(2), k, v, mask.squeeze(1), scale).unsqueeze(2)
 
 
-def pack_int8(weight: torch.Tensor) -> int | None:
+def pack_int8(weight: torch.Tensor) -> torch.Tensor | None:
     """Reorder an int8 (N, K) weight into oneDNN's layout once; the handle `int8_linear` takes, or
-    None where the kernels or oneDNN's int8 matmul are unavailable."""
+    None where the kernels or oneDNN's int8 matmul are unavailable. The handle is a 0-dim int64
+    tensor, not an int: a compiled layer takes it as an input, where an int would be a constant
+    of the graph, a different one per layer (engine.py compiles one graph for every layer)."""
     if not loaded() or "no_int8_pack" in _state:
         return None
     try:
-        return torch.ops.nanoseek.int8_pack(weight)
+        return torch.tensor(torch.ops.nanoseek.int8_pack(weight))
     except RuntimeError as e:          # a torch build without oneDNN's quantized ops: say so once
         _state["no_int8_pack"] = str(e)
         log.warning("oneDNN int8 packing unavailable, int8 linears keep torch._int_mm: %s", e)
         return None
 
 
-def repack_int8(handle: int, weight: torch.Tensor) -> None:
+def repack_int8(handle: torch.Tensor, weight: torch.Tensor) -> None:
     """Put a new int8 (N, K) weight of the same layer in `handle`'s slot (a requantised rollout copy)."""
-    torch.ops.nanoseek.int8_repack(handle, weight)
+    torch.ops.nanoseek.int8_repack(int(handle), weight)
 
 
-def free_int8(handle: int) -> None:
+def free_int8(handle: torch.Tensor) -> None:
     """Drop `handle`'s packed weight (its memory); int8_linear refuses it until repack_int8."""
-    torch.ops.nanoseek.int8_free(handle)
+    torch.ops.nanoseek.int8_free(int(handle))
 
 
 def decode_attention_applies(q, k, v) -> bool:

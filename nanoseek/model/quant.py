@@ -83,7 +83,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.int8_above = bits, group_size, int8_above
-        self.int8_handle: int | None = None    # qweight reordered for oneDNN (kernels.pack_int8); set by the engine
+        # qweight reordered for oneDNN (kernels.pack_int8), set by the engine: its handle as a 0-dim int64
+        # tensor, which a compiled layer takes as an input (an int would be a constant of each layer's graph)
+        self.int8_handle: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()

@@ -24,10 +24,10 @@ from .mtp import MTPModule
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg, layer_id) if cfg.is_mla else GQA(cfg, layer_id)
+        self.attn = MLA(cfg) if cfg.is_mla else GQA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
@@ -42,12 +42,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         # MTP blocks are MoE when the main model is (V3's layer 61 is a full MoE layer)
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k, cfg.is_moe))
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.is_moe))
                                  for k in range(cfg.n_mtp_layers))
         self.init_weights()
 
@@ -70,14 +70,21 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab). `routing`, if a list, collects each MoE layer's Routing."""
         return self.logits(self.hidden_states(input_ids, positions, cache, routing))
 
-    def hidden_states(self, input_ids, positions=None, cache=None, routing=None) -> torch.Tensor:
-        """Final hidden states (B, T, D) after the last block, before the final norm."""
+    def hidden_states(self, input_ids, positions=None, cache=None, routing=None, block=None) -> torch.Tensor:
+        """Final hidden states (B, T, D) after the last block, before the final norm.
+
+        Each block gets its own layer of the cache (`cache.layer(i)`), so a block's code is the same
+        for every layer: `block`, if given, runs each one as block(layer, x, rope, positions,
+        layer_cache, routing) in place of Block.forward (the engine's compiled form of it, one graph
+        that serves all layers)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
         x = self.embed(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, positions, cache, routing)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layer(i)
+            x = layer(x, rope, positions, layer_cache, routing) if block is None else \
+                block(layer, x, rope, positions, layer_cache, routing)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -95,8 +102,12 @@ class Transformer(nn.Module):
         """
         module = self.mtp[depth - 1]
         rope = self.rotary(positions, prev_hidden.dtype)
-        h = module(prev_hidden, self.embed(next_ids), rope, positions, cache, routing)
+        h = module(prev_hidden, self.embed(next_ids), rope, positions, self.mtp_cache(cache, depth), routing)
         return self.output_head(h), h
+
+    def mtp_cache(self, cache, depth: int):
+        """The cache layer of MTP depth k (1-based): layer n_layers + k - 1, after the main layers."""
+        return None if cache is None else cache.layer(self.cfg.n_layers + depth - 1)
 
     def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, routing=None) -> list[torch.Tensor]:
         """Training form (V3 §2.2): for depth k, logits (B, T-k, vocab) at i predict t_{i+k+1}."""

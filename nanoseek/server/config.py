@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..configs import arg
-from ..engine.llm import QUANTIZATION_HELP, QUANTIZATIONS
+from ..engine.llm import COMPILE_HELP, COMPILES, QUANTIZATION_HELP, QUANTIZATIONS
 
 API_KEY_ENV = "NANOSEEK_API_KEY"
 
@@ -34,7 +34,7 @@ class ServeConfig:
     dtype: str = arg("auto", "float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and bf16-capable CPUs)")
     device: str = arg("auto", "cpu | cuda | auto")
     quantization: str = arg("auto", QUANTIZATION_HELP, choices=list(QUANTIZATIONS))
-    compile: bool = arg(False, "torch.compile the model (minutes of warm-up; faster decoding after)")
+    compile: str = arg("auto", COMPILE_HELP, choices=list(COMPILES))
     log_level: str = arg("warning", "uvicorn's log level: debug | info | warning | error")
 
     def __post_init__(self):

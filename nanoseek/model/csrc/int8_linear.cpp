@@ -98,7 +98,9 @@ void scale_rows(const float* acc, const float* scale, int64_t M, int64_t N, T* o
   });
 }
 
-at::Tensor int8_linear(const at::Tensor& x_in, int64_t handle, const at::Tensor& w_scale) {
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& handle_t, const at::Tensor& w_scale) {
+  TORCH_CHECK(handle_t.numel() == 1 && handle_t.scalar_type() == at::kLong, "int8_linear: handle must be one int64");
+  const int64_t handle = handle_t.item<int64_t>();
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "int8_linear: expected x (M, K), float32 or bfloat16");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
@@ -144,7 +146,8 @@ TORCH_LIBRARY_FRAGMENT(NANOSEEK_OPS, m) {
   m.def("int8_pack(Tensor weight) -> int");
   m.def("int8_repack(int handle, Tensor weight) -> ()");
   m.def("int8_free(int handle) -> ()", &int8_free);     // no tensor to dispatch on: one kernel for all
-  m.def("int8_linear(Tensor x, int handle, Tensor w_scale) -> Tensor");
+  // the handle as a tensor: a compiled layer takes it as an input, so one graph serves every layer
+  m.def("int8_linear(Tensor x, Tensor handle, Tensor w_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(NANOSEEK_OPS, CPU, m) {
