@@ -30,7 +30,11 @@ RECOMPILE_LIMIT = 16
 
 def compiled_block():
     """Block.forward compiled with dynamic shapes: call it as block(layer, x, rope, positions, cache, routing)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kernels.cache_dir().parent / "inductor"))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    # torch writes its default (a folder in /tmp) into the environment the first time it reads it,
+    # e.g. when an earlier import touched inductor: that one is replaced, a folder the user chose is kept
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels.cache_dir().parent / "inductor")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # no duck sizing: dynamo would give equal sizes one symbol, and a paged forward's 32 keys traced
     # beside rotary's 32 frequencies became the constant 32 (every other key count recompiled)

@@ -246,8 +246,8 @@ class Engine:
         if self._block is not None:
             try:
                 return self.model.hidden_states(ids, positions, cache, block=self._block)[:, :T]
-            except Exception as e:    # noqa: BLE001 - a new shape that fails to compile: eager from here on
-                self._eager(e)        # (rerunning rewrites the same cache entries: exact)
+            except torch._dynamo.exc.TorchDynamoException as e:   # a new shape failed to compile (what the
+                self._eager(e)        # compiler raises): eager from here on; rerunning rewrites the same entries
         return self.model.hidden_states(ids, positions, cache)[:, :T]
 
     def _eager(self, error: Exception) -> None:
