@@ -151,8 +151,9 @@ class Engine:
         sizes = sorted({1, 2, int4_rows(self.model) + 1})
         for k, n in enumerate(sizes, 1):
             if verbose:
-                print(f"nanoseek: compiling the forward for batches of {n} ({k}/{len(sizes)}; cached on disk for "
-                      f"the next start: {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", file=sys.stderr, flush=True)
+                print(f"nanoseek: compiling the forward for batches of {n} ({k}/{len(sizes)}; what an earlier start "
+                      f"compiled is read back from {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", file=sys.stderr,
+                      flush=True)
             for i in range(n):
                 self.add_request(f"__warmup_{i}", [i + 1] * (bs + 3 + i), SamplingParams(max_tokens=3, ignore_eos=True))
             while self.has_unfinished():
