@@ -101,7 +101,7 @@ class Engine:
         if c.compile:
             self._block, self._pad_paged = compiled_block(), (2, int4_rows(model) + 1)
             try:
-                self.warmup(verbose=c.verbose)
+                self.warmup()
             except Exception as e:    # noqa: BLE001 - whatever the compiler raised, eager still works
                 for request_id in list(self.requests):
                     self.abort(request_id)
@@ -142,7 +142,7 @@ class Engine:
             if seq.index == index and seq.finish_reason is None:
                 self.finish(seq, reason)
 
-    def warmup(self, verbose: bool = False) -> None:
+    def warmup(self) -> None:
         """Run each shape class a compiled forward specialises on, so no real request pays for
         compiling: paged forwards (prefill, verify; see _run) of 1 row and of several, mirrored
         decodes of 1 row, of several up to `int4_rows` (int4 kernels) and of more (int8). The
@@ -150,7 +150,7 @@ class Engine:
         bs = self.config.block_size
         sizes = sorted({1, 2, int4_rows(self.model) + 1})
         for k, n in enumerate(sizes, 1):
-            if verbose:
+            if self.config.verbose:
                 print(f"nanoseek: compiling the forward for batches of {n} ({k}/{len(sizes)}; what an earlier start "
                       f"compiled is read back from {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", file=sys.stderr,
                       flush=True)
@@ -243,7 +243,7 @@ class Engine:
                 if width > T:
                     ids, positions = (torch.cat([t, t[:, -1:].expand(R, width - T)], 1) for t in (ids, positions))
             # compiled: at least 2 blocks a row, since dynamo specialises a size of 1 (a new graph)
-            cache = PagedCache.for_rows(self.pool, tables, positions, min_blocks=2 if self._pad_paged else 1)
+            cache = PagedCache.for_rows(self.pool, tables, positions, min_blocks=2 if self.compiled else 1)
         if self._block is not None:
             try:
                 return self.model.hidden_states(ids, positions, cache, block=self._block)[:, :T]

@@ -120,7 +120,7 @@ def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_siz
             pack = {"input_ids": prompt[:-1], "positions": list(range(P - 1)), "segments": [0] * (P - 1),
                     "labels": [IGNORE] * (P - 1), "advantages": [0.0] * (P - 1)}
             for b, (c, a) in enumerate(rows[start:start + micro_batch_size], start=1):
-                pack["input_ids"] = pack["input_ids"] + prompt[-1:] + c[:-1]
+                pack["input_ids"] += prompt[-1:] + c[:-1]
                 pack["positions"] += range(P - 1, P - 1 + len(c))
                 pack["segments"] += [b] * len(c)
                 pack["labels"] += c

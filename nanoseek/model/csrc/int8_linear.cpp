@@ -99,8 +99,9 @@ void scale_rows(const float* acc, const float* scale, int64_t M, int64_t N, T* o
 }
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& handle_t, const at::Tensor& w_scale) {
-  TORCH_CHECK(handle_t.numel() == 1 && handle_t.scalar_type() == at::kLong, "int8_linear: handle must be one int64");
-  const int64_t handle = handle_t.item<int64_t>();
+  TORCH_CHECK(handle_t.numel() == 1 && handle_t.scalar_type() == at::kLong && handle_t.is_cpu(),
+              "int8_linear: handle must be one int64 on the CPU");
+  const int64_t handle = *handle_t.const_data_ptr<int64_t>();    // read directly: item() dispatches, per call
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "int8_linear: expected x (M, K), float32 or bfloat16");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
