@@ -92,19 +92,26 @@ def test_int8_copy_is_used_only_above_the_threshold(monkeypatch):
     assert no_copy.qweight is None and no_copy(torch.randn(64, 128)).shape == (64, 96)
 
 
+@pytest.mark.parametrize("packed_prefill", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_rows_take_the_prepacked_int8_matmul_with_the_same_integers(dtype):
-    from nanoseek.model import kernels
+def test_decode_rows_take_the_prepacked_int8_matmul_with_the_same_integers(dtype, packed_prefill, monkeypatch):
+    from nanoseek.model import kernels, quant
     if not (kernels.load() and kernels.pack_int8(torch.ones(16, 16, dtype=torch.int8)) is not None):
         pytest.skip(f"no prepacked int8 matmul here: {kernels._state.get('error')}")
+    monkeypatch.setattr(quant, "PACKED_PREFILL", packed_prefill)     # what a CPU with AMX tiles sets
     ql = QuantLinear.from_linear(_linear(bias=True), 8).to(dtype)
-    # decode rows (one token each, up to PACKED_ROWS of them) take it; prefills and big batches do not
+    # decode rows (one token each, up to PACKED_ROWS of them) take it; prefills and big batches
+    # only where PACKED_PREFILL (AMX) says so
     decode, prefill, big = (torch.randn(*s, 128, dtype=dtype) for s in ((20, 1), (10, 2), (65, 1)))
     with torch.no_grad():
         expected = ql(decode), ql(prefill), ql(big)
         ql.int8_handle = kernels.pack_int8(torch.zeros_like(ql.qweight))   # routes visibly: zero output
         assert (ql(decode) == ql.bias.to(dtype)).all()
-        assert torch.equal(ql(prefill), expected[1]) and torch.equal(ql(big), expected[2])
+        for x, want in ((prefill, expected[1]), (big, expected[2])):
+            if packed_prefill:
+                assert (ql(x) == ql.bias.to(dtype)).all()
+            else:
+                assert torch.equal(ql(x), want)
         ql.int8_handle = kernels.pack_int8(ql.qweight)
         got = ql(decode)
     # the same integers; the two scales multiply in another order, so a float32 result may differ

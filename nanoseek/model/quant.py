@@ -71,8 +71,12 @@ def quantize_rows_int8(x: torch.Tensor):
 
 # rows up to which the prepacked oneDNN int8 matmul beats torch._int_mm on the same integers: with
 # weights from DRAM, 30 SmolLM2 layers took 8.8 / 14.8 ms against 10.3 / 17.6 at 9 / 32 rows, but
-# 279 against 265 ms at 1,024 (docs/benchmarks.md)
+# 279 against 265 ms at 1,024 (AMD Zen 4, docs/benchmarks.md)
 PACKED_ROWS = 64
+# On a CPU with AMX tiles oneDNN's prepacked kernel wins at every size: SmolLM2's fused gate/up
+# (3072 x 576) at 1,024 rows took 1.71 ms against 3.0 for torch._int_mm alone, and a 32-prompt
+# prefill went 1.03 -> 0.73 s (Intel Xeon, docs/benchmarks.md), so prefill rows take it there too
+PACKED_PREFILL = torch.cpu._is_amx_tile_supported()
 
 
 class QuantLinear(nn.Module):
@@ -126,8 +130,9 @@ class QuantLinear(nn.Module):
         if self.bits == 4 and (self.qweight is None or x2.shape[0] <= self.int8_above):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight4,
                                                           self.group_size, self.scales_and_zeros).to(x.dtype)
-        elif self.int8_handle is not None and (x.dim() == 2 or x.shape[-2] == 1) and x2.shape[0] <= PACKED_ROWS:
-            # decode rows (one token each), the same integers as below through prepacked weights
+        elif self.int8_handle is not None and (PACKED_PREFILL or (x.dim() == 2 or x.shape[-2] == 1)
+                                               and x2.shape[0] <= PACKED_ROWS):
+            # decode rows (one token each; any rows with AMX), the same integers as below through prepacked weights
             y = torch.ops.nanoseek.int8_linear(x2, self.int8_handle, self.scales)
         else:
             xq, x_scale = quantize_rows_int8(x2)
