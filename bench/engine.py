@@ -1,10 +1,13 @@
 """Engine benchmark: nanoseek against transformers' `generate` and llama.cpp, in one run, as ratios.
 
 All systems run the embedded SmolLM2-135M-Instruct (Q4_1 GGUF) on the same prompt token ids, on
-the same threads, one after another in one process: transformers dequantizes the GGUF to
-float32 / bfloat16 and serves static batches with left padding; llama-cpp-python runs the GGUF
-as it is (Q4_1) and, having no batching in its Python API, serves concurrent requests one after
-another. Every request decodes greedily and ignores EOS, so each produces exactly `new_tokens`.
+the same threads, each in its own process (a crash costs its column, not the run), loaded side by
+side and measured in turn: every measurement is taken once per system before the next one, the
+order rotating each repeat, so a slow spell of the machine (this VM's speed moves by a quarter
+from minute to minute) hits every system alike instead of one system's whole column (the
+systems: bench/engine_systems.py). transformers dequantizes the GGUF to float32 / bfloat16 and
+serves static batches with left padding; llama-cpp-python runs the GGUF as it is (Q4_1) and,
+having no batching in its Python API, serves concurrent requests one after another. Every request decodes greedily and ignores EOS, so each produces exactly `new_tokens`.
 
 Measured per system: output tokens/s at 1, 8 and 32 concurrent requests of 128 new tokens (all
 submitted at once), time to first token (TTFT), prefill tokens/s on a 512-token prompt, and the
@@ -31,9 +34,7 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,221 +97,141 @@ def build_workload(tokenizer, quick: bool, prefill_tokens: int = 512, prefix_tok
                     new_tokens=16 if quick else 128, concurrency=concurrency, repeats=1 if quick else 3)
 
 
-# ---- systems: one runner each, same interface --------------------------------------------------
-# generate(prompts, max_tokens) -> (wall seconds, TTFT seconds per request), from a cold cache;
-# cached_ttft(first, second) -> TTFT of `second` right after `first` ran (only if has_prefix_cache).
-
-def check_lengths(name: str, lengths: list[int], expected: int) -> None:
-    if any(n != expected for n in lengths):  # a benchmark that made other token counts measured nothing
-        raise RuntimeError(f"{name}: expected {expected} new tokens per request, got {sorted(set(lengths))}")
-
-
-class NanoseekRunner:
-    """nanoseek's LLM: continuous batching and a prefix cache; TTFT from each request's own metrics."""
-    has_prefix_cache = True
-
-    def __init__(self, model: str, dtype: str, quantization: str | None = None, compile: str = "auto"):
-        from nanoseek import LLM, SamplingParams  # ImportError until the engine exists: main() notes it
-        # CPU like the peers, even where CUDA is available; options only when asked (older LLMs lack them)
-        extra = {"quantization": quantization} if quantization not in (None, "auto") else {}
-        extra.update({"compile": compile} if compile != "auto" else {})
-        self.make, self.params = (lambda: LLM(model, dtype=dtype, device="cpu", **extra)), SamplingParams
-        start = time.perf_counter()
-        self.llm, self.name, self.cache_hits = self.make(), "nanoseek", []
-        compiled = bool(getattr(getattr(self.llm, "engine", None), "compiled", False))
-        self.startup = [f"nanoseek: loading{' and compiling (warm-up)' if compiled else ''} took "
-                        f"{time.perf_counter() - start:.0f} s, not counted in any measurement."]
-        weight = next(self.llm.model.parameters(), None) if hasattr(self.llm, "model") else None
-        self.weights = dtype if weight is None else str(weight.dtype).removeprefix("torch.")  # "auto" resolved
-        chosen = getattr(self.llm, "quantization", extra.get("quantization"))     # what "auto" resolved to
-        self.weights += f" + {chosen} linears" if chosen not in (None, "none") else ""
-        self.weights += ", compiled" if compiled else ""
-
-    def _fresh(self) -> None:  # no request may profit from an earlier measurement's cache
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
-        else:
-            self.llm = self.make()
-
-    def _run(self, prompts, max_tokens, **sampling):
-        params = self.params(**{"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True, **sampling})
-        start = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        wall = time.perf_counter() - start
-        check_lengths(self.name, [len(c.token_ids) for o in outs for c in o.outputs], max_tokens)
-        return wall, [o.metrics.first_token_time - o.metrics.arrival_time for o in outs], outs
-
-    def generate(self, prompts, max_tokens):
-        self._fresh()
-        return self._run(prompts, max_tokens)[:2]
-
-    def sampled(self, prompts, max_tokens, **sampling) -> float:
-        """Wall seconds for `prompts` under SamplingParams(**sampling) (n samples each), a fresh cache."""
-        self._fresh()
-        return self._run(prompts, max_tokens, **sampling)[0]
-
-    def cached_ttft(self, first, second) -> float:
-        self._fresh()
-        self._run([first], 1)
-        _, ttfts, outs = self._run([second], 1)
-        self.cache_hits.append(f"{getattr(outs[0], 'num_cached_tokens', '?')}/{len(second)}")
-        return ttfts[0]
-
-    @property
-    def notes(self) -> list[str]:
-        hits = f"nanoseek's cached-prefix requests took {', '.join(self.cache_hits)} prompt tokens from the cache."
-        return self.startup + ([hits] if self.cache_hits else [])
-
-    def close(self) -> None:
-        del self.llm
-
-
-class FirstTokenClock:
-    """A transformers streamer that only notes when the first new tokens arrive (put #2; #1 is the prompt)."""
-
-    def __init__(self):
-        self.calls, self.first = 0, None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-class TransformersRunner:
-    """transformers' generate on the GGUF dequantized to `dtype`: static batches, left padding."""
-    has_prefix_cache = False  # generate() keeps no cache from one call to the next
-
-    def __init__(self, gguf: Path, dtype: str, pad_id: int):
-        import torch
-        import transformers
-        transformers.utils.logging.disable_progress_bar()  # keep the report readable
-        self.torch, self.pad_id = torch, pad_id
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
-        self.name, self.weights, self.notes = f"transformers {dtype}", dtype, []
-
-    def generate(self, prompts, max_tokens):
-        width, torch = max(map(len, prompts)), self.torch
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (B, T), padded on the left
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        clock, start = FirstTokenClock(), time.perf_counter()
-        # min_new_tokens bans EOS until max_new_tokens: every row makes exactly max_tokens
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                  do_sample=False, pad_token_id=self.pad_id, streamer=clock)
-        wall = time.perf_counter() - start
-        check_lengths(self.name, [out.shape[1] - width] * len(prompts), max_tokens)
-        return wall, [clock.first - start] * len(prompts)  # static batch: every request waits for the whole prefill
-
-    def close(self) -> None:
-        del self.model
-
-
-class LlamaCppRunner:
-    """llama-cpp-python on the GGUF as it is; one request at a time (no batching in its Python API)."""
-    has_prefix_cache = True  # Llama.generate() reuses the longest common prefix with the previous prompt
-
-    def __init__(self, gguf: Path, threads: int):
-        from llama_cpp import Llama
-        self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, logits_all=False, verbose=False)
-        self.name, self.weights, self.notes = "llama.cpp", "Q4_1", []
-
-    def _one(self, prompt, max_tokens, start) -> float:
-        # temp=0 is llama.cpp's greedy sampler; generate(), unlike create_completion(), never stops at EOS
-        first, count = None, 0
-        for count, _ in enumerate(islice(self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0), max_tokens), 1):
-            first = first or time.perf_counter() - start
-        check_lengths(self.name, [count], max_tokens)
-        return first
-
-    def generate(self, prompts, max_tokens):
-        start, ttfts = time.perf_counter(), []
-        for prompt in prompts:
-            self.llm.reset()  # forget the previous prompt: every request prefills in full
-            ttfts.append(self._one(prompt, max_tokens, start))
-        return time.perf_counter() - start, ttfts
-
-    def cached_ttft(self, first, second) -> float:
-        self.llm.reset()
-        self._one(first, 1, time.perf_counter())
-        return self._one(second, 1, time.perf_counter())
-
-    def close(self) -> None:
-        getattr(self.llm, "close", lambda: None)()
-
-
-# ---- measurements: each takes a runner (above) and the workload ---------------------------------
-
-def measure_throughput(runner, work: Workload) -> dict:
-    """Output tokens/s with N requests submitted at once, and their mean TTFT: the run of median
-    wall time out of `repeats` (single runs of one system varied by 5-10% on a 2-core VM)."""
-    out = {}
-    for n in work.concurrency:
-        runs = sorted((runner.generate(work.prompts[:n], work.new_tokens) for _ in range(work.repeats)),
-                      key=lambda run: run[0])
-        wall, ttfts = runs[len(runs) // 2]
-        out[f"tok_s@{n}"] = n * work.new_tokens / wall
-        out[f"ttft_mean@{n}"] = statistics.mean(ttfts)
-        if n == 1:  # the steady decode rate, without the prefill (what llama-bench's tg reports)
-            out["decode_tok_s"] = (work.new_tokens - 1) / (wall - ttfts[0])
-    return out
-
-
-def measure_ttft(runner, work: Workload) -> dict:
-    """TTFT of a single chat request (one new token), the median over different prompts."""
-    times = [runner.generate([work.prompts[i % len(work.prompts)]], 1)[1][0] for i in range(work.repeats)]
-    return {"ttft": statistics.median(times)}
-
-
-def measure_prefill(runner, work: Workload) -> dict:
-    """Prefill tokens/s: prompt length / TTFT on the long prompt (a fresh cache every time)."""
-    times = [runner.generate([work.long_prompt], 1)[1][0] for _ in range(work.repeats)]
-    return {"prefill_tok_s": len(work.long_prompt) / statistics.median(times)}
-
-
-def measure_prefix_cache(runner, work: Workload) -> dict:
-    """TTFT of prefix + question B, cold vs right after prefix + question A filled the cache."""
-    cold, warm = [], []
-    for i in range(work.repeats):
-        first, second = work.prefix + work.suffixes[2 * i], work.prefix + work.suffixes[2 * i + 1]
-        cold.append(runner.generate([second], 1)[1][0])
-        if runner.has_prefix_cache:
-            warm.append(runner.cached_ttft(first, second))
-    if not warm:
-        return {"ttft_uncached": statistics.median(cold)}
-    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
-    return {"ttft_uncached": cold_s, "ttft_cached": warm_s, "prefix_speedup": cold_s / warm_s}
-
+# ---- measurements: units of one run each, a system's worker process runs them -------------------
+# A unit is one sample of one measurement; the parent asks every system for the same unit in turn
+# (their order rotated every repeat), so a slow spell of the machine hits all of them alike.
 
 SAMPLED = dict(temperature=0.6, top_p=0.95, seed=0, n=4)   # R1's evaluation protocol, k = 4 samples
 
 
-def measure_sampling(runner, work: Workload) -> dict:
-    """Output tokens/s of max-concurrency / 4 prompts × n = 4 samples, greedy and SAMPLED, the runs
-    alternated (so a busy spell hits both) and each the median of `repeats`. nanoseek only."""
-    if not hasattr(runner, "sampled"):
-        return {}
-    prompts = work.prompts[:max(1, max(work.concurrency) // 4)]
-    walls = {"greedy": [], "sampled": []}
-    for _ in range(work.repeats):
-        walls["greedy"].append(runner.sampled(prompts, work.new_tokens, n=4))
-        walls["sampled"].append(runner.sampled(prompts, work.new_tokens, **SAMPLED))
-    out = {f"{kind}_n4_tok_s": len(prompts) * 4 * work.new_tokens / statistics.median(w) for kind, w in walls.items()}
-    out["sampled_vs_greedy"] = out["sampled_n4_tok_s"] / out["greedy_n4_tok_s"]
+def units(work: Workload) -> list[list]:
+    return [["throughput", n] for n in work.concurrency] + [["sampling"], ["ttft"], ["prefill"], ["prefix"]]
+
+
+def run_unit(runner, work: Workload, unit: list, index: int) -> dict:
+    """One sample of `unit` on `runner`; `index` (the repeat) picks the prompts that vary."""
+    kind = unit[0]
+    if kind == "throughput":        # N requests submitted at once: wall time and their TTFTs
+        wall, ttfts = runner.generate(work.prompts[:unit[1]], work.new_tokens)
+        return {"wall": wall, "ttft_mean": statistics.mean(ttfts), "ttft0": ttfts[0]}
+    if kind == "sampling":          # nanoseek only: greedy then SAMPLED on the same shape, n = 4 each
+        if not hasattr(runner, "sampled"):
+            return {}
+        prompts = work.prompts[:max(1, max(work.concurrency) // 4)]
+        return {"greedy": runner.sampled(prompts, work.new_tokens, n=4),
+                "sampled": runner.sampled(prompts, work.new_tokens, **SAMPLED)}
+    if kind == "ttft":              # a single chat request, one new token
+        return {"ttft": runner.generate([work.prompts[index % len(work.prompts)]], 1)[1][0]}
+    if kind == "prefill":           # the long prompt, a fresh cache every time
+        return {"ttft": runner.generate([work.long_prompt], 1)[1][0]}
+    if kind == "prefix":            # prefix + question B, cold vs right after prefix + question A
+        first, second = (work.prefix + work.suffixes[(2 * index + i) % len(work.suffixes)] for i in (0, 1))
+        out = {"cold": runner.generate([second], 1)[1][0]}
+        if runner.has_prefix_cache:
+            out["warm"] = runner.cached_ttft(first, second)
+        return out
+    raise ValueError(f"unknown measurement {unit}")
+
+
+def summarize(samples: dict, work: Workload) -> dict:
+    """A system's metrics from its samples {unit key: [one dict per repeat]}: medians over the repeats
+    (single runs of one system varied by 5-10% on a 2-core VM; a busy spell can cost 30%)."""
+    out = {}
+    for n in work.concurrency:
+        runs = sorted(samples.get(f"throughput {n}", []), key=lambda r: r["wall"])
+        if runs:
+            run = runs[len(runs) // 2]                 # the run of median wall time, with its TTFTs
+            out[f"tok_s@{n}"] = n * work.new_tokens / run["wall"]
+            out[f"ttft_mean@{n}"] = run["ttft_mean"]
+            if n == 1:   # the steady decode rate, without the prefill (what llama-bench's tg reports)
+                out["decode_tok_s"] = (work.new_tokens - 1) / (run["wall"] - run["ttft0"])
+    median = lambda unit, key: statistics.median(r[key] for r in samples[unit]) \
+        if samples.get(unit) and all(key in r for r in samples[unit]) else None
+    prompts = max(1, max(work.concurrency) // 4)
+    for kind in ("greedy", "sampled"):
+        if (wall := median("sampling", kind)) is not None:
+            out[f"{kind}_n4_tok_s"] = prompts * 4 * work.new_tokens / wall
+    if "sampled_n4_tok_s" in out:
+        out["sampled_vs_greedy"] = out["sampled_n4_tok_s"] / out["greedy_n4_tok_s"]
+    if (ttft := median("ttft", "ttft")) is not None:
+        out["ttft"] = ttft
+    if (ttft := median("prefill", "ttft")) is not None:
+        out["prefill_tok_s"] = len(work.long_prompt) / ttft
+    cold, warm = median("prefix", "cold"), median("prefix", "warm")
+    if cold is not None:
+        out["ttft_uncached"] = cold
+    if warm is not None:
+        out["ttft_cached"], out["prefix_speedup"] = warm, cold / warm
     return out
 
 
-def run_system(runner, work: Workload) -> dict:
+def worker_main(system: str, args, gguf: Path, tokenizer, threads: int) -> None:
+    """A system's own process: build it, warm it up, then run the units the parent sends, one JSON
+    line in and one out. Protocol lines go to the original stdout, anything the libraries print to
+    stderr."""
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    send = lambda obj: (channel.write(json.dumps(obj) + "\n"), channel.flush())
+    work = build_workload(tokenizer, args.quick)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from bench.engine_systems import make_runner
+    try:
+        runner = make_runner(system, args, gguf, pad_id, threads)
+    except ImportError as e:  # nanoseek's engine on an old checkout, a peer without the bench extra
+        send({"error": f"not measured: {e}"})
+        return
     runner.generate(work.prompts[:2], 2)  # warm-up: first-call allocations and kernel selection
-    results = {}
-    for measure in (measure_throughput, measure_sampling, measure_ttft, measure_prefill, measure_prefix_cache):
-        results.update(measure(runner, work))
-        print(f"  {runner.name}: {measure.__name__} done", file=sys.stderr)
-    return results
+    send({"name": runner.name, "weights": runner.weights})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("close"):
+            send({"notes": runner.notes})
+            return
+        send(run_unit(runner, work, request["unit"], request["index"]))
+
+
+class Worker:
+    """The parent's handle on one system's process (python -m bench.engine --worker SYSTEM ...)."""
+
+    def __init__(self, system: str, argv: list[str]):
+        import subprocess
+        import threading
+        self.system, self.tail, self.error = system, [], None
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.engine", "--worker", system, *argv], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._echo, daemon=True).start()
+        hello = self._read()
+        self.name, self.weights = hello.get("name", system), hello.get("weights", "")
+
+    def _echo(self) -> None:      # the worker's progress to our stderr; its last lines kept for a crash note
+        for line in self.proc.stderr:
+            sys.stderr.write(line)
+            self.tail = (self.tail + [line])[-20:]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        reply = json.loads(line) if line else {"error": f"{self.system} exited (code {self.proc.wait()}): "
+                                                        f"{''.join(self.tail)[-600:].strip()}"}
+        if "error" in reply:
+            self.error = reply["error"]
+        return reply
+
+    def ask(self, request: dict) -> dict | None:
+        """The reply to `request`, or None once the process has failed (self.error says why)."""
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass                  # _read reports the exit
+        reply = self._read()
+        return None if self.error else reply
+
+    def close(self) -> list[str]:
+        reply = self.ask({"close": True}) or {}
+        self.proc.wait()
+        return reply.get("notes", [])
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -413,7 +334,8 @@ def render(results: dict, columns: dict, work: Workload, command: str, machine: 
         f"Command: `{command}`  ", f"Machine: {machine}  ",
         f"Workload: {len(work.prompts)} chat-templated questions (mean {mean_prompt:.0f} prompt tokens), greedy, "
         f"EOS ignored so every request makes exactly {work.new_tokens} tokens; all concurrent requests are "
-        f"submitted at once; each number is the median of {work.repeats} runs. Weight dtype in each column header. "
+        f"submitted at once; each number is the median of {work.repeats} runs, the systems (each in its own "
+        f"process) taking turns at every measurement. Weight dtype in each column header. "
         f"Ratios are nanoseek's speedup (tokens/s ÷ the "
         f"peer's, or the peer's latency ÷ nanoseek's): above 1× nanoseek is faster.", "",
         *lines, "", *goal_lines, "", *(f"- {note}" for note in notes)]) + "\n"
@@ -448,6 +370,7 @@ def parse_args(argv, prog: str):
     p.add_argument("--no-nanoseek", action="store_true", help="run the peers only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: torch's)")
     p.add_argument("--out", default=None, help="markdown file whose engine section to write (e.g. docs/benchmarks.md)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)      # run one system's process (internal)
     return p.parse_args(argv)
 
 
@@ -464,32 +387,46 @@ def main(argv=None, prog: str = "python -m bench.engine") -> dict:
     if gguf.suffix != ".gguf":
         raise SystemExit(f"{args.model}: the peers run a GGUF file; pass a built-in name or a .gguf path")
     tokenizer = load_tokenizer(gguf)
+    if args.worker:
+        worker_main(args.worker, args, gguf, tokenizer, threads)
+        return {}
     work = build_workload(tokenizer, args.quick)
     peers = [p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    systems = [] if args.no_nanoseek else [lambda: NanoseekRunner(args.model, args.dtype, args.quantization, args.compile)]
+    systems = [] if args.no_nanoseek else ["nanoseek"]
     notes = []
     if "transformers" in peers:
-        systems += [lambda dtype=dtype: TransformersRunner(gguf, dtype, pad_id) for dtype in args.hf_dtype.split(",")]
+        systems += [f"transformers:{dtype}" for dtype in args.hf_dtype.split(",")]
         notes.append("transformers: the Q4_1 GGUF dequantized to the dtype shown; one static batch per "
                      "concurrency level (every request waits for the batch's prefill), sdpa attention.")
     if "llama.cpp" in peers:
-        systems.append(lambda: LlamaCppRunner(gguf, threads))
+        systems.append("llama.cpp")
         notes.append("llama.cpp: its Python API has no batching, so N concurrent requests run one after another "
                      "(TTFT of request i includes the i-1 before it); its prefix cache is llama-cpp-python's "
                      "longest-common-prefix reuse of the previous prompt.")
+    worker_argv = ["--model", args.model, "--dtype", args.dtype, "--quantization", args.quantization,
+                   "--compile", args.compile, "--threads", str(threads), *(["--quick"] if args.quick else [])]
+    workers = []
+    for system in systems:   # each in its own process: a crash costs its column, not the run
+        print(f"{system}: starting its process ...", file=sys.stderr)
+        workers.append(Worker(system, worker_argv))
+    samples = {w.name: {} for w in workers}
+    for r in range(work.repeats):
+        for unit in units(work):
+            for w in workers[r % len(workers):] + workers[:r % len(workers)]:   # the order rotates each repeat
+                reply = w.ask({"unit": unit, "index": r})
+                if reply is not None:
+                    samples[w.name].setdefault(" ".join(map(str, unit)), []).append(reply)
+        print(f"bench engine: repeat {r + 1}/{work.repeats} done", file=sys.stderr)
     results, columns = {}, {}
-    for make in systems:  # one loaded at a time: each system gets the machine (and memory) to itself
-        try:
-            runner = make()
-        except ImportError as e:  # nanoseek's engine on an old checkout, a peer without the bench extra: skip it
-            notes.append(f"not measured: {e}")
-            print(f"note: not measured ({e})", file=sys.stderr)
-            continue
-        print(f"{runner.name} ({runner.weights}) ...", file=sys.stderr)
-        results[runner.name], columns[runner.name] = run_system(runner, work), runner.weights
-        notes += runner.notes
-        runner.close()
+    for w in workers:
+        notes += w.close() if not w.error else []
+        if w.error:
+            notes.append(f"{w.system}: {w.error}")
+            print(f"note: {w.system}: {w.error}", file=sys.stderr)
+        if samples[w.name]:
+            results[w.name], columns[w.name] = summarize(samples[w.name], work), w.weights
+    if not results:
+        raise SystemExit("bench engine: no system was measured:\n" + "\n".join(notes[-len(workers):]))
     if "nanoseek" not in columns:
         columns = {"nanoseek": args.dtype, **columns}
     command = " ".join([prog, *map(shlex.quote, argv)])
