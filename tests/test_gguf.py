@@ -1,6 +1,7 @@
 """GGUF import against transformers' GGUF loader (the oracle), on tiny files written here and on the
 embedded SmolLM2; plus corrupt files, which must raise CheckpointError naming the file."""
 
+import os
 import struct
 
 import gguf
@@ -365,3 +366,20 @@ def test_fuzzed_headers_raise_only_checkpoint_errors(tmp_path, tiny_bytes):
             read_gguf(path)
         except CheckpointError as error:
             assert path.name in str(error)
+
+
+def test_a_gguf_is_parsed_once_until_it_changes(tmp_path, monkeypatch):
+    from nanoseek.checkpoint import gguf as gguf_module
+    path = tmp_path / "once.gguf"
+    write_tiny_gguf(path)
+    parsed = []
+    real = gguf_module.GGUFReader
+    monkeypatch.setattr(gguf_module, "GGUFReader", lambda p: parsed.append(p) or real(p))
+    gguf_module._parse.cache_clear()
+    # LLM(...) reads the weight type, then the weights and tokenizer: one parse
+    kind = gguf_module.gguf_weight_type(path)
+    gguf_module.read_gguf(path)
+    assert kind == "F32" and len(parsed) == 1
+    write_tiny_gguf(path, Q.F16)                    # rewritten: parsed again, the new contents seen
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+    assert gguf_module.gguf_weight_type(path) == "F16" and len(parsed) == 2

@@ -39,6 +39,9 @@ def compiled_block():
     # no duck sizing: dynamo would give equal sizes one symbol, and a paged forward's 32 keys traced
     # beside rotary's 32 frequencies became the constant 32 (every other key count recompiled)
     fx_config.use_duck_shape = False
+    # float attributes (attention scale, norm eps) as constants from the start: left symbolic, dynamo
+    # traced two of the five frames twice, restarting once it found it had to specialise them
+    torch._dynamo.config.specialize_float = True
     # size_asserts off: the generated wrapper otherwise re-checks every input's sizes and strides
     # (dynamo's guards already did) and every extern kernel's output, ~660 Python calls a decode
     # step, 0.8 of 2.4 ms of the wrapper's time per SmolLM2 token
