@@ -236,7 +236,7 @@ def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
 def test_an_int8_rollout_copy_requantises_to_the_updated_weights(preset):
     """The int8 rollout copy (fused projections, the tied head, oneDNN-packed handles) parks to
     nothing and refreshes to exactly the integers and outputs a fresh copy of the new weights has."""
-    from nanoseek.model import kernels, presets
+    from nanoseek.model import kernels, presets, quant
     from nanoseek.model.quant import QuantLinear, pack_int8_
     from nanoseek.train.grpo import GRPOConfig
     from nanoseek.train.rollout import park_rollout_model, refresh_rollout_model, rollout_model
@@ -288,3 +288,40 @@ def test_an_update_on_the_rollout_copys_bf16_casts_equals_autocasts_bit_for_bit(
     for name, grad in results[0][1].items():
         assert grad.dtype == torch.float32 and torch.equal(grad, results[1][1][name]), name
     assert all(p.grad is None for p in copy.parameters())
+
+
+SMOLLM2_SHAPES = dict(dim=576, n_heads=9, n_kv_heads=3, head_dim=64, inter_dim=1536, n_layers=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_deepseek_v3", "smollm2_shapes"])
+def test_an_int4_rollout_copy_requantises_to_the_updated_weights(preset):
+    """The int4 rollout copy (auto's choice for rollouts of up to 8 rows on the CPU) refreshes to
+    exactly the packed integers, scales and outputs a fresh copy of the new weights has: through
+    the C++ kernel where it packs as torch does, through torch's path elsewhere, and layers whose
+    shape the kernel refuses (fused, left dense) are refreshed as well."""
+    from nanoseek.model import kernels, presets, quant
+    from nanoseek.model.quant import QuantLinear
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.rollout import keeps_copy, refresh_rollout_model, rollout_dtype, rollout_model
+    torch.manual_seed(0)
+    model = Transformer(presets.tiny_llama(**SMOLLM2_SHAPES) if preset == "smollm2_shapes" else getattr(presets, preset)())
+    cfg, cpu = GRPOConfig(group_size=4, prompts_per_step=2), torch.device("cpu")
+    assert rollout_dtype(cfg, cpu) == "int4" or not kernels.load()     # 8 rows: int4
+    assert quant._fast_int4_pack() or not kernels.load()               # the C++ requantisation is tested
+    assert rollout_dtype(GRPOConfig(group_size=8, prompts_per_step=2), cpu) != "int4"
+    cfg = GRPOConfig(rollout_dtype="int4")
+    shadow = rollout_model(model, cfg, cpu)
+    assert keeps_copy(shadow)
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            t.add_(0.1 * torch.randn_like(t))
+    refresh_rollout_model(shadow, model)
+    fresh = rollout_model(model, cfg, cpu)
+    for (name, a), b in zip(shadow.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    if preset == "smollm2_shapes":   # SmolLM2's shapes: every linear int4, most through the C++ kernel
+        assert all(not isinstance(m, torch.nn.Linear) for m in shadow.layers.modules())
+        assert isinstance(shadow.head, QuantLinear) and shadow.head.bits == 4
+    tokens = torch.tensor([[3], [9], [17]])
+    with torch.no_grad():
+        assert torch.equal(shadow.logits(shadow.hidden_states(tokens)), fresh.logits(fresh.hidden_states(tokens)))

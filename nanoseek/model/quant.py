@@ -25,6 +25,8 @@ gates stay as they are, and so does MLA's `wkv_b`, whose weight `MLA.attend_abso
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -236,35 +238,79 @@ def _source_linear(source: nn.Module, name: str) -> tuple[torch.Tensor, torch.Te
     return torch.cat([lin.weight for lin in linears]), bias
 
 
+@functools.cache
+def _fast_int4_pack() -> bool:
+    """Whether the C++ kernels' int4_quantize_pack_ (csrc/int4_pack.cpp) may requantise int4 layers:
+    loaded, and packing as this torch build does (AVX512 builds pack rows in blocks of 64, AVX2
+    ones in blocks of 32), checked once on a random weight against the torch path."""
+    from . import kernels
+    if not kernels.load():
+        return False
+    w = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    q, scale, zero = quantize_int4(w, 32)
+    packed, sz = torch.empty(128, 32, dtype=torch.uint8), torch.empty(2, 128, 2, dtype=KERNEL_DTYPE)
+    torch.ops.nanoseek.int4_quantize_pack_(w, 32, packed, sz)
+    return (torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            and torch.equal(sz, torch.stack([scale.t(), zero.t()], dim=-1)))
+
+
+def _requantize_int4_(module: QuantLinear, weight: torch.Tensor) -> None:
+    """New int4 integers, scales and zeros of `weight` in `module`'s buffers, as from_weight would give."""
+    if module.qweight is None and module.out_features % 64 == 0 and _fast_int4_pack():
+        torch.ops.nanoseek.int4_quantize_pack_(weight, module.group_size, module.qweight4, module.scales_and_zeros)
+        return
+    fresh = QuantLinear.from_weight(weight, None, 4, module.group_size, module.int8_above)
+    module.qweight4.copy_(fresh.qweight4)
+    module.scales_and_zeros.copy_(fresh.scales_and_zeros)
+    if module.qweight is not None:         # its int8 copy, for batches above int8_above rows
+        module.qweight, module.scales = fresh.qweight, fresh.scales
+        if module.int8_handle is not None:
+            from . import kernels
+            kernels.repack_int8(module.int8_handle, module.qweight)
+
+
 @torch.no_grad()
 def refresh_copy_(quantized: nn.Module, source: nn.Module) -> int:
-    """Bring `quantized` (a copy of `source`, maybe through quantize_(bits=8), maybe in another
-    dtype) back to `source`'s current weights, in place: int8 layers requantised (prepacked oneDNN
+    """Bring `quantized` (a copy of `source`, maybe through quantize_, maybe in another dtype) back
+    to `source`'s current weights, in place: int8 and int4 layers requantised (prepacked oneDNN
     handles included) to exactly the integers quantize_ would give, every other weight (norms,
     embedding, gate biases, a plain copy's linears) copied, parked ones re-allocated. For a
-    rollout copy of a model being trained. Returns the int8 layers requantised."""
+    rollout copy of a model being trained. Returns the layers requantised."""
     from . import kernels
     n = 0
     for name, module in quantized.named_modules():
-        if not isinstance(module, QuantLinear) or module.bits != 8:
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in FUSED:   # fused, left dense: the
+            weight, bias = _source_linear(source, name)                        # int4 kernel refused its shape
+            for tensor, value in ((module.weight, weight), (module.bias, bias)):
+                if tensor is not None:
+                    _assign(tensor, value)
+        if not isinstance(module, QuantLinear):
             continue
         weight, bias = _source_linear(source, name)
-        module.qweight, scales = quantize_rows_int8(weight)
-        module.scales = scales.view(-1)
+        if module.bits == 4:
+            _requantize_int4_(module, weight)
+        else:
+            module.qweight, scales = quantize_rows_int8(weight)
+            module.scales = scales.view(-1)
+            if module.int8_handle is not None:
+                kernels.repack_int8(module.int8_handle, module.qweight)
         if bias is not None:
             module.bias = bias.detach().to(module.bias.dtype)
-        if module.int8_handle is not None:
-            kernels.repack_int8(module.int8_handle, module.qweight)
         n += 1
     quantized_names = {name for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
     originals = dict(source.named_parameters()) | dict(source.named_buffers())
     for name, tensor in [*quantized.named_parameters(), *quantized.named_buffers()]:
         if name.rpartition(".")[0] not in quantized_names and name in originals:
-            storage = tensor.untyped_storage()
-            if storage.size() == 0 and tensor.numel():         # parked: its memory back, the tensor the same
-                storage.resize_(tensor.numel() * tensor.element_size())
-            tensor.copy_(originals[name])
+            _assign(tensor, originals[name])
     return n
+
+
+def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """tensor.copy_(value), re-allocating a parked tensor's memory first (the tensor stays the same)."""
+    storage = tensor.untyped_storage()
+    if storage.size() == 0 and tensor.numel():
+        storage.resize_(tensor.numel() * tensor.element_size())
+    tensor.copy_(value)
 
 
 @torch.no_grad()

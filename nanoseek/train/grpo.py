@@ -48,6 +48,7 @@ from .metrics import MetricsLog, progress
 from .optim import build_optimizer
 from .rollout import (
     TEMPLATES,
+    keeps_copy,
     park_rollout_model,
     refresh_rollout_model,
     rollout,
@@ -89,9 +90,10 @@ class GRPOConfig:
     resume: bool = arg(False, "continue from the run folder's last complete checkpoint")
     seed: int = arg(0, "seed of the prompt order and the rollouts")
     dtype: str = arg("auto", "training autocast: auto (bfloat16 where fast) | bfloat16 | float32")
-    rollout_dtype: str = arg("auto", "rollout weights, a copy refreshed after every update: auto (bfloat16 where "
-                                     "bf16 is fast) | bfloat16 | int8 (CPU: faster, less accurate) | float32 (the "
-                                     "trained weights themselves, no copy)", choices=("auto", "int8", "bfloat16", "float32"))
+    rollout_dtype: str = arg("auto", "rollout weights, a copy refreshed after every update: auto (CPU: int4 for "
+                                     "rollouts of up to 8 rows, else bfloat16 where bf16 is fast) | int4 | "
+                                     "bfloat16 | int8 (CPU: faster, less accurate) | float32 (the trained weights "
+                                     "themselves, no copy)", choices=("auto", "int4", "int8", "bfloat16", "float32"))
     device: str = arg("auto", "cpu | cuda | auto")
     bias_update_speed: float = arg(0.001, "γ of the expert bias rule for MoE policies (0 = off)")
     preset: str | None = arg(None, "start from a preset (smollm2_addition); flags that differ from their "
@@ -378,7 +380,7 @@ def grpo_step(run: dict, problems, step: int) -> dict:
         # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and
         # the update starts from a trimmed heap, its peak being the run's
         shared = state.loss_module.reads_copy
-        if not shared:
+        if not shared and not keeps_copy(run["rollout_model"]):
             park_rollout_model(run["rollout_model"], state.model)
             trim_heap()
         if run["reference"] is not None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.sampling import SamplingParams
-from ..model.quant import park_copy_, quantize_, refresh_copy_
+from ..model.quant import QuantLinear, park_copy_, quantize_, refresh_copy_
 from ..rewards import combine_rewards
 from .loop import fast_bf16
 from .losses import IGNORE
@@ -130,27 +130,46 @@ def training_rows(groups: list[Group], advantages: torch.Tensor, micro_batch_siz
     return batches
 
 
+INT4_ROLLOUT_ROWS = 8     # decode rows up to which int4 weights beat bf16 ones (model/quant.py's int8_above)
+
+
+def rollout_dtype(cfg, device: torch.device) -> str:
+    """What `--rollout-dtype auto` samples with. A step's rollout decodes prompts × G rows; up to
+    INT4_ROLLOUT_ROWS of them a decode step only streams the weights, so int4 groups (a quarter of
+    bf16's bytes, requantised in one C++ pass after each update) decode SmolLM2's 4 rows ~2x faster;
+    greedy 2-digit addition 26.5% against bf16's 26.0% (docs/benchmarks.md). Bigger batches are
+    compute-bound, where the int4 kernel loses to bf16: a bf16 copy where bf16 is fast."""
+    from ..model import kernels
+    if device.type == "cpu" and cfg.prompts_per_step * cfg.group_size <= INT4_ROLLOUT_ROWS and kernels.load():
+        return "int4"
+    return "bfloat16" if fast_bf16(device) else "float32"
+
+
 def rollout_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     """The model the engine samples from (`--rollout-dtype`): the trained float32 weights themselves,
-    or a copy refreshed after every update. Decoding reads every weight each step, so fewer bytes
-    per weight is the speed; `auto` is a bfloat16 copy where bf16 is fast (what LLM's own default
-    bets on). int8 (the engine's W8A8 linears on oneDNN-prepacked weights) samples SmolLM2's
-    rollouts ~1.5x faster than bf16 at 4 rows, but its per-token activation rounding costs
-    quality: greedy 2-digit addition 21.5% against 26.0%, with longer answers (docs/benchmarks.md),
-    so it stays opt-in. The log-probs of the update always come from the trained weights, so the
-    first ratio stays exactly 1."""
-    want = cfg.rollout_dtype
-    if want == "auto":
-        want = "bfloat16" if fast_bf16(device) else "float32"
+    or a copy refreshed after every update (auto: see rollout_dtype). Decoding reads every weight
+    each step, so fewer bytes per weight is the speed. int8 (the engine's W8A8 linears on
+    oneDNN-prepacked weights) samples SmolLM2's rollouts ~1.5x faster than bf16 at 4 rows, but its
+    per-token activation rounding costs quality: greedy 2-digit addition 21.5% against 26.0%, with
+    longer answers (docs/benchmarks.md), so it stays opt-in. int4 runs its kernel at every batch
+    size (no int8 copies: requantising stays one pass). The log-probs of the update always come
+    from the trained weights, so the first ratio stays exactly 1."""
+    want = rollout_dtype(cfg, device) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
     if want == "float32":
         return model
     shadow = copy.deepcopy(model).eval().requires_grad_(False)
-    if want == "int8":
+    if want in ("int4", "int8"):
         if device.type != "cpu":
-            raise ValueError(f"rollout_dtype=int8 runs CPU kernels: the model is on {device}")
-        quantize_(shadow, bits=8, head=True)
-        return shadow.to(torch.bfloat16) if fast_bf16(device) else shadow
+            raise ValueError(f"rollout_dtype={want} runs CPU kernels: the model is on {device}")
+        quantize_(shadow, bits=int(want[3:]), head=True, int8_above=None)
+        return shadow.to(torch.bfloat16) if want == "int4" or fast_bf16(device) else shadow
     return shadow.to(torch.bfloat16)
+
+
+def keeps_copy(shadow: nn.Module) -> bool:
+    """Whether the rollout copy stays allocated through the update: an int4 copy does, its ~85 MB
+    (SmolLM2) not worth what parking costs, the trimmed heap's ~0.4 s of page faults a step."""
+    return any(isinstance(m, QuantLinear) and m.bits == 4 for m in shadow.modules())
 
 
 @torch.no_grad()
