@@ -302,7 +302,8 @@ def test_an_int4_rollout_copy_requantises_to_the_updated_weights(preset):
     from nanoseek.model import kernels, presets, quant
     from nanoseek.model.quant import QuantLinear
     from nanoseek.train.grpo import GRPOConfig
-    from nanoseek.train.rollout import keeps_copy, refresh_rollout_model, rollout_dtype, rollout_model
+    from nanoseek.train.rollout import (park_rollout_model, refresh_rollout_model, rollout_dtype, rollout_model,
+                                        trims_heap)
     torch.manual_seed(0)
     model = Transformer(presets.tiny_llama(**SMOLLM2_SHAPES) if preset == "smollm2_shapes" else getattr(presets, preset)())
     cfg, cpu = GRPOConfig(group_size=4, prompts_per_step=2), torch.device("cpu")
@@ -311,7 +312,9 @@ def test_an_int4_rollout_copy_requantises_to_the_updated_weights(preset):
     assert rollout_dtype(GRPOConfig(group_size=8, prompts_per_step=2), cpu) != "int4"
     cfg = GRPOConfig(rollout_dtype="int4")
     shadow = rollout_model(model, cfg, cpu)
-    assert keeps_copy(shadow)
+    assert not trims_heap(shadow)
+    park_rollout_model(shadow, model)                  # its memory to the update
+    assert all(m.qweight4.numel() == 0 for m in shadow.modules() if isinstance(m, QuantLinear))
     with torch.no_grad():
         for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
             t.add_(0.1 * torch.randn_like(t))

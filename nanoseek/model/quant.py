@@ -256,6 +256,10 @@ def _fast_int4_pack() -> bool:
 
 def _requantize_int4_(module: QuantLinear, weight: torch.Tensor) -> None:
     """New int4 integers, scales and zeros of `weight` in `module`'s buffers, as from_weight would give."""
+    if module.qweight4.numel() == 0:       # parked (park_copy_): its buffers back first
+        N, K, g = module.out_features, module.in_features, module.group_size
+        module.qweight4 = torch.empty(N, K // 2, dtype=torch.uint8)
+        module.scales_and_zeros = torch.empty(K // g, N, 2, dtype=KERNEL_DTYPE)
     if module.qweight is None and module.out_features % 64 == 0 and _fast_int4_pack():
         torch.ops.nanoseek.int4_quantize_pack_(weight, module.group_size, module.qweight4, module.scales_and_zeros)
         return
@@ -315,13 +319,16 @@ def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def park_copy_(quantized: nn.Module) -> None:
-    """Free the weights of a refresh_copy_-able copy until its next refresh_copy_: int8 integers and
-    their packed handles, and the dense parameters' storage. The parameters stay the same tensors
+    """Free the weights of a refresh_copy_-able copy until its next refresh_copy_: int4 and int8
+    integers (and scales) and the int8 packed handles, and the dense parameters' storage. The parameters stay the same tensors
     (storage resized to nothing, as FSDP frees a shard), so their version counters keep counting
     up and an engine that watches them sees the refresh."""
     from . import kernels
     for module in quantized.modules():
-        if isinstance(module, QuantLinear) and module.bits == 8:
+        if isinstance(module, QuantLinear) and module.bits == 4:
+            module.qweight4 = torch.empty(0, dtype=torch.uint8)
+            module.scales_and_zeros = torch.empty(0, dtype=KERNEL_DTYPE)
+        if isinstance(module, QuantLinear) and module.qweight is not None:
             module.qweight = torch.empty(0, dtype=torch.int8)
             if module.int8_handle is not None:
                 kernels.free_int8(module.int8_handle)

@@ -48,13 +48,13 @@ from .metrics import MetricsLog, progress
 from .optim import build_optimizer
 from .rollout import (
     TEMPLATES,
-    keeps_copy,
     park_rollout_model,
     refresh_rollout_model,
     rollout,
     rollout_model,
     score,
     training_rows,
+    trims_heap,
 )
 from .state import save_checkpoint
 
@@ -380,9 +380,10 @@ def grpo_step(run: dict, problems, step: int) -> dict:
         # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and
         # the update starts from a trimmed heap, its peak being the run's
         shared = state.loss_module.reads_copy
-        if not shared and not keeps_copy(run["rollout_model"]):
+        if not shared:
             park_rollout_model(run["rollout_model"], state.model)
-            trim_heap()
+            if trims_heap(run["rollout_model"]):
+                trim_heap()
         if run["reference"] is not None:
             sequence_logprobs(run["reference"], batches, "ref_logprobs", session)
         if cfg.iterations > 1:

@@ -166,10 +166,11 @@ def rollout_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     return shadow.to(torch.bfloat16)
 
 
-def keeps_copy(shadow: nn.Module) -> bool:
-    """Whether the rollout copy stays allocated through the update: an int4 copy does, its ~85 MB
-    (SmolLM2) not worth what parking costs, the trimmed heap's ~0.4 s of page faults a step."""
-    return any(isinstance(m, QuantLinear) and m.bits == 4 for m in shadow.modules())
+def trims_heap(shadow: nn.Module) -> bool:
+    """Whether the update should start from a trimmed heap (engine.trim_heap) once the rollout copy
+    is parked: not for an int4 copy, whose ~100 MB (SmolLM2) the update's allocations reuse as they
+    are, where the trim's page faults cost ~0.4 s a step."""
+    return not any(isinstance(m, QuantLinear) and m.bits == 4 for m in shadow.modules())
 
 
 @torch.no_grad()
