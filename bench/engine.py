@@ -199,7 +199,8 @@ class Worker:
         self.system, self.tail, self.error = system, [], None
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.engine", "--worker", system, *argv], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._echo, daemon=True).start()
+        self._echoing = threading.Thread(target=self._echo, daemon=True)
+        self._echoing.start()
         hello = self._read()
         self.name, self.weights = hello.get("name", system), hello.get("weights", "")
 
@@ -210,11 +211,16 @@ class Worker:
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
-        reply = json.loads(line) if line else {"error": f"{self.system} exited (code {self.proc.wait()}): "
-                                                        f"{''.join(self.tail)[-600:].strip()}"}
-        if "error" in reply:
-            self.error = reply["error"]
-        return reply
+        if not line:              # it exited: its last words are on stderr, once the echo has read them
+            code = self.proc.wait()
+            self._echoing.join(timeout=5)
+            return self._failed(f"{self.system} exited (code {code}): {''.join(self.tail)[-600:].strip()}")
+        reply = json.loads(line)
+        return self._failed(reply["error"]) if "error" in reply else reply
+
+    def _failed(self, error: str) -> dict:
+        self.error = error
+        return {"error": error}
 
     def ask(self, request: dict) -> dict | None:
         """The reply to `request`, or None once the process has failed (self.error says why)."""

@@ -314,7 +314,8 @@ def test_an_int4_rollout_copy_requantises_to_the_updated_weights(preset):
     shadow = rollout_model(model, cfg, cpu)
     assert not trims_heap(shadow)
     park_rollout_model(shadow, model)                  # its memory to the update
-    assert all(m.qweight4.numel() == 0 for m in shadow.modules() if isinstance(m, QuantLinear))
+    assert all(t.untyped_storage().size() == 0 for m in shadow.modules() if isinstance(m, QuantLinear)
+               for t in (m.qweight4, m.scales_and_zeros))
     with torch.no_grad():
         for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
             t.add_(0.1 * torch.randn_like(t))

@@ -11,6 +11,8 @@
   the same integers, through oneDNN's u8 x s8 kernel on a weight reordered once into oneDNN's
   blocked layout (`pack_int8`) instead of torch._int_mm on the plain (N, K) weight. Used for
   decode rows up to quant.PACKED_ROWS, where it measured ~16% faster.
+- int4 quantise-and-pack (csrc/int4_pack.cpp): a float weight to the int4 kernel's packed groups
+  in one pass, into existing buffers, for a GRPO rollout copy requantised after every update.
 - sampling (csrc/sampling.cpp): temperature / top-k / top-p / min-p and the draw for a batch of
   rows without sorting the vocabulary, the engine's `sample` on the CPU (engine/sampling.py).
 

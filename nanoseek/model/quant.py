@@ -238,6 +238,9 @@ def _source_linear(source: nn.Module, name: str) -> tuple[torch.Tensor, torch.Te
     return torch.cat([lin.weight for lin in linears]), bias
 
 
+INT4_PACK_ROWS = 64     # int4_quantize_pack_ packs whole blocks of this many output rows
+
+
 @functools.cache
 def _fast_int4_pack() -> bool:
     """Whether the C++ kernels' int4_quantize_pack_ (csrc/int4_pack.cpp) may requantise int4 layers:
@@ -256,11 +259,9 @@ def _fast_int4_pack() -> bool:
 
 def _requantize_int4_(module: QuantLinear, weight: torch.Tensor) -> None:
     """New int4 integers, scales and zeros of `weight` in `module`'s buffers, as from_weight would give."""
-    if module.qweight4.numel() == 0:       # parked (park_copy_): its buffers back first
-        N, K, g = module.out_features, module.in_features, module.group_size
-        module.qweight4 = torch.empty(N, K // 2, dtype=torch.uint8)
-        module.scales_and_zeros = torch.empty(K // g, N, 2, dtype=KERNEL_DTYPE)
-    if module.qweight is None and module.out_features % 64 == 0 and _fast_int4_pack():
+    for buffer in (module.qweight4, module.scales_and_zeros):
+        _unpark(buffer)
+    if module.qweight is None and module.out_features % INT4_PACK_ROWS == 0 and _fast_int4_pack():
         torch.ops.nanoseek.int4_quantize_pack_(weight, module.group_size, module.qweight4, module.scales_and_zeros)
         return
     fresh = QuantLinear.from_weight(weight, None, 4, module.group_size, module.int8_above)
@@ -283,11 +284,6 @@ def refresh_copy_(quantized: nn.Module, source: nn.Module) -> int:
     from . import kernels
     n = 0
     for name, module in quantized.named_modules():
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in FUSED:   # fused, left dense: the
-            weight, bias = _source_linear(source, name)                        # int4 kernel refused its shape
-            for tensor, value in ((module.weight, weight), (module.bias, bias)):
-                if tensor is not None:
-                    _assign(tensor, value)
         if not isinstance(module, QuantLinear):
             continue
         weight, bias = _source_linear(source, name)
@@ -304,34 +300,42 @@ def refresh_copy_(quantized: nn.Module, source: nn.Module) -> int:
     quantized_names = {name for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
     originals = dict(source.named_parameters()) | dict(source.named_buffers())
     for name, tensor in [*quantized.named_parameters(), *quantized.named_buffers()]:
-        if name.rpartition(".")[0] not in quantized_names and name in originals:
-            _assign(tensor, originals[name])
+        module_name, _, kind = name.rpartition(".")
+        if module_name in quantized_names:
+            continue
+        if name in originals:
+            value = originals[name]
+        elif module_name.rpartition(".")[2] in FUSED:       # fused, left dense (the kernel refused its shape)
+            value = _source_linear(source, module_name)[0 if kind == "weight" else 1]
+        else:
+            continue
+        _unpark(tensor)
+        tensor.copy_(value)
     return n
 
 
-def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """tensor.copy_(value), re-allocating a parked tensor's memory first (the tensor stays the same)."""
+def _unpark(tensor: torch.Tensor) -> None:
+    """Give a tensor park_copy_ freed its memory back (the tensor stays the same object)."""
     storage = tensor.untyped_storage()
     if storage.size() == 0 and tensor.numel():
         storage.resize_(tensor.numel() * tensor.element_size())
-    tensor.copy_(value)
 
 
 @torch.no_grad()
 def park_copy_(quantized: nn.Module) -> None:
-    """Free the weights of a refresh_copy_-able copy until its next refresh_copy_: int4 and int8
-    integers (and scales) and the int8 packed handles, and the dense parameters' storage. The parameters stay the same tensors
-    (storage resized to nothing, as FSDP frees a shard), so their version counters keep counting
-    up and an engine that watches them sees the refresh."""
+    """Free the weights of a refresh_copy_-able copy until its next refresh_copy_: int8 integers and
+    their packed handles, and the storage of the int4 buffers and dense parameters. Those stay the
+    same tensors (storage resized to nothing, as FSDP frees a shard), so the parameters' version
+    counters keep counting up and an engine that watches them sees the refresh."""
     from . import kernels
+    int4 = []
     for module in quantized.modules():
         if isinstance(module, QuantLinear) and module.bits == 4:
-            module.qweight4 = torch.empty(0, dtype=torch.uint8)
-            module.scales_and_zeros = torch.empty(0, dtype=KERNEL_DTYPE)
+            int4 += [module.qweight4, module.scales_and_zeros]
         if isinstance(module, QuantLinear) and module.qweight is not None:
             module.qweight = torch.empty(0, dtype=torch.int8)
             if module.int8_handle is not None:
                 kernels.free_int8(module.int8_handle)
-    for p in quantized.parameters():
-        if p.is_contiguous() and p.storage_offset() == 0:
-            p.untyped_storage().resize_(0)
+    for t in [*quantized.parameters(), *int4]:
+        if t.is_contiguous() and t.storage_offset() == 0:
+            t.untyped_storage().resize_(0)

@@ -377,8 +377,8 @@ def grpo_step(run: dict, problems, step: int) -> dict:
     train_started = time.perf_counter()
     if batches:
         # shared: the update reads the rollout copy's bf16 weights, so the copy stays, and so does the
-        # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and
-        # the update starts from a trimmed heap, its peak being the run's
+        # heap (trimming it costs ~0.4 s of page faults a SmolLM2 step); else the copy is parked and,
+        # unless it is int4 (rollout.trims_heap), the update starts from a trimmed heap
         shared = state.loss_module.reads_copy
         if not shared:
             park_rollout_model(run["rollout_model"], state.model)

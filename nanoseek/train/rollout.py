@@ -162,7 +162,7 @@ def rollout_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         if device.type != "cpu":
             raise ValueError(f"rollout_dtype={want} runs CPU kernels: the model is on {device}")
         quantize_(shadow, bits=int(want[3:]), head=True, int8_above=None)
-        return shadow.to(torch.bfloat16) if want == "int4" or fast_bf16(device) else shadow
+        return shadow.to(torch.bfloat16) if fast_bf16(device) else shadow
     return shadow.to(torch.bfloat16)
 
 
