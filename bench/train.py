@@ -20,8 +20,13 @@ plus the MTP module for nanoseek+mtp) × tokens/s over the measured bf16 matmul 
 (train/loop.py's measure_peak_flops, same threads). Before timing, a check process computes one
 batch's loss with both models at float32 from the same weights: they must agree.
 
+nanoseek trains as `nanoseek train` does by default: with `compile=auto` its blocks are compiled
+(train/compiled.py) for both presets, and the compile falls in the untimed warm-up; the first step's
+seconds, compile included, are reported beside. transformers runs the plain eager loop the issue
+names as the peer. `--compile off` gives nanoseek's eager rows.
+
 Left out on purpose: GPUs (both peers run on the CPU here), data loading (batches are prepared
-before timing), torch.compile, multi-process DDP.
+before timing), multi-process DDP.
 
     python -m bench.train --quick                       # smoke test: small preset, 1 + 2 steps
     python -m bench.train --out docs/benchmarks.md      # both presets, written into the docs
@@ -66,6 +71,7 @@ class Spec:
     hf_attn: str = "sdpa"
     hf_experts: str = ""         # "": transformers' default (grouped_mm) | eager | batched_mm | grouped_mm
     folder: str = ""             # nanoseek's init saved as a Hugging Face folder (written by the parent)
+    compile: str = "auto"        # nanoseek's TrainConfig.compile: auto | on | off
 
 
 # ---- the model both systems train -----------------------------------------------------------------
@@ -141,10 +147,13 @@ def nanoseek_stepper(spec: Spec, mtp: bool, **overrides):
     from nanoseek.train.optim import build_optimizer
     model = nanoseek_model(spec, mtp)
     cfg = TrainConfig(steps=spec.warmup + spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                      mtp_weight=0.3 if mtp else 0.0, warmup_steps=0, min_lr_ratio=1.0, **overrides)  # constant lr
+                      mtp_weight=0.3 if mtp else 0.0, warmup_steps=0, min_lr_ratio=1.0,   # constant lr
+                      **{"compile": spec.compile, **overrides})
     state = TrainState(model, build_optimizer(model, cfg.lr, cfg.weight_decay), cfg,
                        Session(torch.device("cpu"), autocast_dtype(spec)))
-    return model, lambda batch: train_step(state, [batch])["loss"]
+    step = lambda batch: train_step(state, [batch])["loss"]      # noqa: E731
+    step.compiled = lambda: bool(getattr(state.loss_module.block, "compiled", False))   # still, after the steps
+    return model, step
 
 
 def transformers_stepper(spec: Spec, folder: Path):
@@ -190,14 +199,16 @@ def run_worker(spec: Spec) -> dict:
         model, step = nanoseek_stepper(spec, mtp)
     reference = nanoseek_model(spec, mtp, meta=True)
     data = batches(reference.cfg.vocab_size, spec, spec.warmup + spec.steps)
-    times, cpu_times, losses = [], [], []
+    times, cpu_times, losses, first = [], [], [], None
     for i, batch in enumerate(data):
         start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step(batch))
+        first = time.perf_counter() - start if first is None else first
         if i >= spec.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    return {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses,
+    return {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses, "first_step_seconds": first,
+            "compiled": getattr(step, "compiled", lambda: False)(),
             "tokens_per_step": spec.batch_size * spec.seq_len,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params": sum(p.numel() for p in model.parameters()),
@@ -250,6 +261,8 @@ def summarize(runs: list[dict], peak_flops: float) -> dict:
             "rss_mib": max(r["peak_rss_mib"] for r in ok),
             "mfu": first["flops_per_token"] * tok_s / peak_flops if peak_flops else float("nan"),
             "params": first["params"], "active_params": first["active_params"], "timed_steps": len(steps),
+            "first_step_s": max(r.get("first_step_seconds") or 0.0 for r in ok),
+            "compiled": any(r.get("compiled") for r in ok),
             "loss_first": first["losses"][0], "loss_last": first["losses"][-1]}
 
 
@@ -268,7 +281,8 @@ def verdicts(results: dict) -> list[tuple[str, float | None, float | None, bool 
 
 def render(results: dict, checks: dict, args, command: str, machine: str, peak_flops: float) -> str:
     head = ["model", "system", "params (active)", "tokens/s", "step ms (median / min)", "CPU ms / step",
-            "peak RSS MiB", "MFU", "tok/s ÷ transformers", "tok per CPU-s ÷ transformers", "RSS ÷ transformers"]
+            "peak RSS MiB", "MFU", "tok/s ÷ transformers", "tok per CPU-s ÷ transformers", "RSS ÷ transformers",
+            "first step s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for preset, systems in results.items():
         peer = systems.get(PEER, {})
@@ -280,7 +294,8 @@ def render(results: dict, checks: dict, args, command: str, machine: str, peak_f
                       for key in ("tok_s", "tok_per_cpu_s", "rss_mib")]
             lines.append(f"| {preset} | {name} | {r['params'] / 1e6:.1f}M ({r['active_params'] / 1e6:.1f}M) | "
                          f"{r['tok_s']:.0f} | {r['step_ms']:.0f} / {r['step_ms_min']:.0f} | {r['cpu_ms']:.0f} | "
-                         f"{r['rss_mib']:.0f} | {100 * r['mfu']:.2f}% | {' | '.join(ratios)} |")
+                         f"{r['rss_mib']:.0f} | {100 * r['mfu']:.2f}% | {' | '.join(ratios)} | "
+                         f"{r.get('first_step_s', 0.0):.1f}{' (compiled)' if r.get('compiled') else ''} |")
     goal = ["| target (nanoseek without MTP vs transformers) | tokens/s ratio | peak RSS ratio | met |",
             "|---|---|---|---|"]
     for preset, speed, memory, met in verdicts(results):
@@ -304,7 +319,9 @@ def render(results: dict, checks: dict, args, command: str, machine: str, peak_f
         f"dtype {args.dtype_shown}; AdamW (β 0.9/0.95, wd 0.1 on matrices), clip 1.0. tokens/s = tokens per step ÷ "
         f"the median timed step; MFU against the measured matmul peak of {peak_flops / 1e12:.2f} TFLOP/s. "
         f"transformers: DeepseekV3ForCausalLM, attn_implementation={args.hf_attn}, experts_implementation={experts}, "
-        f"loaded from nanoseek's saved init; nanoseek's rows include its bias update and balance loss.", "",
+        f"loaded from nanoseek's saved init; nanoseek's rows include its bias update and balance loss, and "
+        f"run `compile={args.compile}` (its blocks compiled where it says so; the compile falls in the first, "
+        f"untimed step: the last column, the largest over repeats).", "",
         *lines, "", *goal, "", *check_lines]) + "\n"
 
 
@@ -321,6 +338,7 @@ def parse_args(argv, prog: str):
     p.add_argument("--threads", type=int, default=0, help="torch threads per system (default: torch's)")
     p.add_argument("--hf-attn", default="sdpa", help="transformers' attn_implementation: sdpa | eager")
     p.add_argument("--hf-experts", default="", help="transformers' experts_implementation (default: its own)")
+    p.add_argument("--compile", default="auto", help="nanoseek's train compile: auto (its default) | on | off")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for the workers ('' = inherit)")
     p.add_argument("--no-check", action="store_true", help="skip the same-loss check")
     p.add_argument("--quick", action="store_true", help="smoke test: small preset, batch 4, 1 warm-up + 2 steps")
@@ -348,7 +366,7 @@ def main(argv=None, prog: str = "python -m bench.train") -> dict:
         raise SystemExit(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     spec_of = lambda preset, system, folder="": Spec(preset, system, args.batch_size, args.seq_len, args.warmup,
                                                       args.steps, args.dtype, threads, 0, args.hf_attn,
-                                                      args.hf_experts, folder)
+                                                      args.hf_experts, folder, args.compile)
     args.dtype_shown = ("bf16 autocast, float32 master weights" if autocast_dtype(spec_of(presets[0], "nanoseek"))
                         else "float32")
     peaks = [spawn(spec_of("", "peak"), args.omp_wait_policy).get("peak_flops", 0.0)]

@@ -46,7 +46,7 @@ def test_workers_report_times_memory_and_flops(spec):
 
 def test_report_states_ratios_and_the_target():
     row = {"tok_s": 300.0, "step_ms": 100.0, "step_ms_min": 90.0, "cpu_ms": 80.0, "tok_per_cpu_s": 400.0,
-           "rss_mib": 500.0, "mfu": 0.1, "params": 3e6, "active_params": 2e6}
+           "rss_mib": 500.0, "mfu": 0.1, "params": 3e6, "active_params": 2e6, "first_step_s": 61.0, "compiled": True}
     peer = {**row, "tok_s": 150.0, "tok_per_cpu_s": 100.0, "rss_mib": 600.0}
     results = {"small_deepseek_v3": {"nanoseek": row, "transformers": peer},
                "deepseek_v3_100m": {"nanoseek": {**row, "tok_s": 100.0}, "transformers": row}}
@@ -55,8 +55,8 @@ def test_report_states_ratios_and_the_target():
 
     class Args:
         batch_size, seq_len, warmup, steps, repeats = 16, 128, 2, 8, 1
-        dtype_shown, hf_attn, hf_experts = "float32", "sdpa", ""
+        dtype_shown, hf_attn, hf_experts, compile = "float32", "sdpa", "", "auto"
     text = render(results, {"small_deepseek_v3": {"nanoseek": 1.0, "transformers": 1.0}}, Args, "cmd", "machine", 1e12)
-    assert "| small_deepseek_v3 | nanoseek | 3.0M (2.0M) | 300 |" in text and "2.00× | 4.00× | 0.83× |" in text
+    assert "| small_deepseek_v3 | nanoseek | 3.0M (2.0M) | 300 |" in text and "2.00× | 4.00× | 0.83× | 61.0 (compiled) |" in text
     assert "| small_deepseek_v3 | 2.00× (≥ 1.5×) | 0.83× (≤ 1×) | yes |" in text
     assert "| deepseek_v3_100m | 0.33× (≥ 1.5×) | 1.00× (≤ 1×) | no |" in text

@@ -28,20 +28,27 @@ from ..model.transformer import Block
 RECOMPILE_LIMIT = 16
 
 
-def compiled_block():
-    """Block.forward compiled with dynamic shapes: call it as block(layer, x, rope, positions, cache, routing)."""
+def use_disk_cache() -> None:
+    """Point inductor's and AOTAutograd's caches at ~/.cache/nanoseek/inductor (or the folder the
+    user chose in $TORCHINDUCTOR_CACHE_DIR), and keep float attributes constant: the setup every
+    nanoseek compile (the engine's, training's: train/compiled.py) shares."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     # torch writes its default (a folder in /tmp) into the environment the first time it reads it,
     # e.g. when an earlier import touched inductor: that one is replaced, a folder the user chose is kept
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels.cache_dir().parent / "inductor")
+    # float attributes (attention scale, norm eps) as constants from the start: left symbolic, dynamo
+    # traced two of the five frames twice, restarting once it found it had to specialise them
+    torch._dynamo.config.specialize_float = True
+
+
+def compiled_block():
+    """Block.forward compiled with dynamic shapes: call it as block(layer, x, rope, positions, cache, routing)."""
+    use_disk_cache()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # no duck sizing: dynamo would give equal sizes one symbol, and a paged forward's 32 keys traced
     # beside rotary's 32 frequencies became the constant 32 (every other key count recompiled)
     fx_config.use_duck_shape = False
-    # float attributes (attention scale, norm eps) as constants from the start: left symbolic, dynamo
-    # traced two of the five frames twice, restarting once it found it had to specialise them
-    torch._dynamo.config.specialize_float = True
     # size_asserts off: the generated wrapper otherwise re-checks every input's sizes and strides
     # (dynamo's guards already did) and every extern kernel's output, ~660 Python calls a decode
     # step, 0.8 of 2.4 ms of the wrapper's time per SmolLM2 token

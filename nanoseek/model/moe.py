@@ -99,6 +99,17 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(x)
         if routing is not None:
             routing.append(Routing(scores, indices, tuple(shape[:-1]), self.gate))
+        y = self.routed(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    @torch.compiler.disable
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_k g_tk · expert_{i_tk}(x_t) for x (N, D), gate weights and expert indices (N, K) -> (N, D).
+
+        Left to eager when the block around it is compiled (train/compiled.py): how many rows each
+        expert gets is data, and a compiled graph would be traced again for every new count."""
         N, D, K = x.shape[0], x.shape[1], indices.shape[1]
         flat = indices.flatten()                                   # (N*K,) slot -> expert
         order = flat.argsort(stable=True)                          # slots sorted by expert
@@ -121,10 +132,7 @@ class MoE(nn.Module):
             # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
             out = torch.cat([self.experts[e](part) for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
         routed = out * gate_weights.unsqueeze(1).to(out.dtype)
-        y = x.new_zeros(N + 1, D).index_add_(0, token_of, routed.to(x.dtype))[:N]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        return x.new_zeros(N + 1, D).index_add_(0, token_of, routed.to(x.dtype))[:N]
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """Training on the CPU with plain float experts takes the grouped matmul. Inference keeps the

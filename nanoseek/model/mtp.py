@@ -27,7 +27,10 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)          # shared_head.norm
 
-    def forward(self, prev_hidden, next_embeds, rope, positions, cache=None, routing=None):
-        """prev_hidden (B, T, D) normed h^{k-1}_i, next_embeds (B, T, D) Emb(t_{i+k}) -> normed h^k_i."""
+    def forward(self, prev_hidden, next_embeds, rope, positions, cache=None, routing=None, block=None):
+        """prev_hidden (B, T, D) normed h^{k-1}_i, next_embeds (B, T, D) Emb(t_{i+k}) -> normed h^k_i.
+        `block`, if given, runs the block as block(self.block, x, ...) (Transformer.hidden_states' seam)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return self.norm(self.block(x, rope, positions, cache, routing))
+        h = self.block(x, rope, positions, cache, routing) if block is None else \
+            block(self.block, x, rope, positions, cache, routing)
+        return self.norm(h)

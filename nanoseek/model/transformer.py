@@ -95,28 +95,29 @@ class Transformer(nn.Module):
         """The shared output projection on already-normed states (what MTP modules share)."""
         return normed @ self.embed.weight.t() if self.head is None else self.head(normed)
 
-    def mtp_forward(self, depth: int, prev_hidden, next_ids, positions, cache=None, routing=None):
+    def mtp_forward(self, depth: int, prev_hidden, next_ids, positions, cache=None, routing=None, block=None):
         """One MTP depth (1-based): prev_hidden (B, T, D) normed h^{k-1}, next_ids (B, T) = t_{i+k}.
 
         Returns (logits (B, T, vocab) predicting t_{i+k+1}, normed h^k for the next depth).
+        `block` runs the module's block as in hidden_states.
         """
         module = self.mtp[depth - 1]
         rope = self.rotary(positions, prev_hidden.dtype)
-        h = module(prev_hidden, self.embed(next_ids), rope, positions, self.mtp_cache(cache, depth), routing)
+        h = module(prev_hidden, self.embed(next_ids), rope, positions, self.mtp_cache(cache, depth), routing, block)
         return self.output_head(h), h
 
     def mtp_cache(self, cache, depth: int):
         """The cache layer of MTP depth k (1-based): layer n_layers + k - 1, after the main layers."""
         return None if cache is None else cache.layer(self.cfg.n_layers + depth - 1)
 
-    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, routing=None) -> list[torch.Tensor]:
+    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, routing=None, block=None) -> list[torch.Tensor]:
         """Training form (V3 §2.2): for depth k, logits (B, T-k, vocab) at i predict t_{i+k+1}."""
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device).expand(input_ids.shape)
         prev, out = self.norm(hidden), []
         for k in range(1, len(self.mtp) + 1):
             logits, prev = self.mtp_forward(k, prev[:, : T - k], input_ids[:, k:], positions[:, : T - k],
-                                            routing=routing)
+                                            routing=routing, block=block)
             out.append(logits)
         return out
 

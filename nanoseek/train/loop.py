@@ -36,6 +36,7 @@ from torch import nn
 
 from ..configs import arg
 from ..model.moe import MoE, Routing, expert_load, update_expert_bias
+from .compiled import TrainingBlock, compile_choice
 from .losses import IGNORE, balance_loss, cross_entropy_sum, mtp_loss_sums, mtp_targets
 from .optim import lr_at, set_lr
 
@@ -66,6 +67,8 @@ class TrainConfig:
     resume: bool = arg(False, "continue from the run folder's last complete checkpoint")
     skip_bad_rows: bool = arg(False, "skip (and count) malformed data rows instead of stopping")
     peak_tflops: float | None = arg(None, "peak TFLOP/s for MFU (default: measured matmul peak)")
+    compile: str = arg("auto", "torch.compile each block's forward + backward: auto (on the CPU for models of "
+                       ">= 1M parameters; the first steps compile, cached on disk) | on | off")
     plot_every: int = arg(50, "redraw the PNG plots every N steps")
 
 
@@ -122,6 +125,7 @@ class LossModel(nn.Module):
     def __init__(self, model: nn.Module, mtp_weight: float, balance_weight: float):
         super().__init__()
         self.model, self.mtp_weight, self.balance_weight = model, mtp_weight, balance_weight
+        self.block = None     # what runs each block: None (Block.forward) or train/compiled.py's TrainingBlock
 
     @property
     def n_mtp(self) -> int:
@@ -137,10 +141,10 @@ class LossModel(nn.Module):
     def forward(self, batch: dict, counts: list[int], world_size: int = 1, micro_batches: int = 1):
         input_ids, labels = batch["input_ids"], batch["labels"]
         routing: list[Routing] = []
-        hidden = self.model.hidden_states(input_ids, routing=routing)
+        hidden = self.model.hidden_states(input_ids, routing=routing, block=self.block)
         loss, metrics = self.token_loss(batch, self.model.logits(hidden), counts)
         if self.n_mtp:
-            depth_sums = mtp_loss_sums(self.model.mtp_logits(input_ids, hidden, routing=routing), labels)
+            depth_sums = mtp_loss_sums(self.model.mtp_logits(input_ids, hidden, routing=routing, block=self.block), labels)
             depths = [s / max(n, 1) for s, n in zip(depth_sums, counts[1:])]
             loss = loss + self.mtp_weight / len(depths) * sum(depths)
             metrics["mtp_loss"] = [d.detach() for d in depths]
@@ -163,6 +167,11 @@ class TrainState:
     def __post_init__(self):
         inner = self.loss_model or LossModel(self.model, self.cfg.mtp_weight, self.cfg.balance_loss_weight)
         self.loss_module = inner
+        # a stage whose loss module runs the blocks its own way (GRPO's) trains eager
+        self.compiled, self.compile_why = compile_choice(self.cfg.compile, self.model, self.session.device) \
+            if isinstance(inner, LossModel) else (False, "this stage's loss runs eager")
+        if self.compiled:
+            inner.block = TrainingBlock()
         if self.session.distributed:
             ids = [self.session.device.index] if self.session.device.type == "cuda" else None
             # routed experts that get no token this step have no gradient: DDP must look for them
