@@ -233,8 +233,11 @@ def same_loss_check(spec: Spec) -> dict:
 def spawn(spec: Spec, omp_wait_policy: str) -> dict:
     """Run one worker in a fresh interpreter; its last stdout line is the JSON result."""
     env = dict(os.environ)
-    if omp_wait_policy:   # idle OpenMP threads sleep instead of spinning: on an oversubscribed VM spinning
-        env.setdefault("OMP_WAIT_POLICY", omp_wait_policy)   # threads made steps 3-5x slower (both systems)
+    # PASSIVE: idle OpenMP threads sleep instead of spinning. On an oversubscribed VM spinning threads
+    # made steps 3-5x slower (both systems); on a quiet one PASSIVE slows nanoseek's compiled kernels
+    # (a futex wake-up per parallel region) and speeds transformers' small-model steps
+    if omp_wait_policy:
+        env.setdefault("OMP_WAIT_POLICY", omp_wait_policy)
     cmd = [sys.executable, "-m", "bench.train", "--worker", json.dumps(dataclasses.asdict(spec))]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
@@ -339,7 +342,8 @@ def parse_args(argv, prog: str):
     p.add_argument("--hf-attn", default="sdpa", help="transformers' attn_implementation: sdpa | eager")
     p.add_argument("--hf-experts", default="", help="transformers' experts_implementation (default: its own)")
     p.add_argument("--compile", default="auto", help="nanoseek's train compile: auto (its default) | on | off")
-    p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for the workers ('' = inherit)")
+    p.add_argument("--omp-wait-policy", default="", help="OMP_WAIT_POLICY for the workers ('' = the environment's, "
+                   "what a user runs; PASSIVE helps on an oversubscribed machine)")
     p.add_argument("--no-check", action="store_true", help="skip the same-loss check")
     p.add_argument("--quick", action="store_true", help="smoke test: small preset, batch 4, 1 warm-up + 2 steps")
     p.add_argument("--out", default=None, help="markdown file whose training section to write")

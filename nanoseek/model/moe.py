@@ -99,14 +99,17 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(x)
         if routing is not None:
             routing.append(Routing(scores, indices, tuple(shape[:-1]), self.gate))
-        y = self.routed(x, weights, indices)
+        # the stacked expert weights are built here, not in routed: compiled, their casts and stacking
+        # (and the backward's split of their gradients) fuse into one pass over the experts' weights
+        y = self.routed(x, weights, indices, self._stacked_weights(x) if self._grouped(x) else None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
 
     @torch.compiler.disable
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Σ_k g_tk · expert_{i_tk}(x_t) for x (N, D), gate weights and expert indices (N, K) -> (N, D).
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, stacked=None) -> torch.Tensor:
+        """Σ_k g_tk · expert_{i_tk}(x_t) for x (N, D), gate weights and expert indices (N, K) -> (N, D);
+        `stacked`: the experts' weights for the grouped matmul (_stacked_weights), None for the loop.
 
         Left to eager when the block around it is compiled (train/compiled.py): how many rows each
         expert gets is data, and a compiled graph would be traced again for every new count."""
@@ -115,7 +118,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)                          # slots sorted by expert
         counts = torch.bincount(flat, minlength=self.n_routed_experts)
         gate_weights = weights.flatten()[order]
-        if self._grouped(x):
+        if stacked is not None:
             # each expert's rows padded (group_rows); pad rows read row N, a zero row appended to x, so
             # their outputs are exactly 0 and their sums land in row N, dropped below
             rows, counts = padded_rows(flat[order], counts, group_rows(N * K, self.n_routed_experts))
@@ -125,7 +128,7 @@ class MoE(nn.Module):
             # index_select, not x[token_of]: its backward is one index_add, advanced indexing's an index_put
             # with accumulate (12 of ~95 ms of a MoE layer's forward + backward, small preset, 2,048 tokens)
             xs = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token_of)
-            out = self._experts_grouped(xs, counts)
+            out = self._experts_grouped(xs, counts, *stacked)
         else:
             token_of = order // K                                  # sorted slot -> token
             xs = x.index_select(0, token_of)                       # (N*K, D) grouped by expert
@@ -143,21 +146,24 @@ class MoE(nn.Module):
         return (torch.is_grad_enabled() and x.device.type == "cpu" and hasattr(F, "grouped_mm")
                 and first.w13 is None and type(first.w1) is nn.Linear)
 
-    def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of every expert over its rows of xs (S, D), `counts[e]` rows each in expert order,
-        in two grouped matmuls.
-
-        The experts' weights are stacked per call, [w1; w3] as (E, 2I, D) and w2 as (E, D, I), cast to
-        the autocast dtype first (grouped_mm is not autocast-aware); their gradients flow back to each
-        expert's nn.Linear through the stack. One call sees all groups (offs: cumulative row counts,
-        int32): no per-expert Python, no slice per expert whose backward zero-fills every row.
-        """
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else xs.dtype
+    def _stacked_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's weights stacked, [w1; w3] as (E, 2I, D) and w2 as (E, D, I), cast to the
+        autocast dtype first (grouped_mm is not autocast-aware); their gradients flow back to each
+        expert's nn.Linear through the stack."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         E, I = len(self.experts), self.experts[0].w1.out_features
         w13 = torch.cat([w.to(dtype) for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, 2 * I, -1)
-        w2 = torch.stack([e.w2.weight.to(dtype) for e in self.experts])                    # (E, D, I)
+        return w13, torch.stack([e.w2.weight.to(dtype) for e in self.experts])
+
+    def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+        """SwiGLU of every expert over its rows of xs (S, D), `counts[e]` rows each in expert order,
+        in two grouped matmuls over the stacked weights (E, 2I, D) and (E, D, I).
+
+        One call sees all groups (offs: cumulative row counts, int32): no per-expert Python, no slice
+        per expert whose backward zero-fills every row.
+        """
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs.to(dtype), w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)   # (S, I) each
+        gate, up = F.grouped_mm(xs.to(w13.dtype), w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (S, I) each
         return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)               # (S, D)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
