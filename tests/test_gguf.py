@@ -380,6 +380,7 @@ def test_a_gguf_is_parsed_once_until_it_changes(tmp_path, monkeypatch):
     kind = gguf_module.gguf_weight_type(path)
     gguf_module.read_gguf(path)
     assert kind == "F32" and len(parsed) == 1
+    assert gguf_module._parse.cache_info().currsize == 0       # its weights copied out, the parse is let go
     write_tiny_gguf(path, Q.F16)                    # rewritten: parsed again, the new contents seen
     os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
     assert gguf_module.gguf_weight_type(path) == "F16" and len(parsed) == 2
