@@ -36,7 +36,7 @@ from torch import nn
 
 from ..configs import arg
 from ..model.moe import MoE, Routing, expert_load, update_expert_bias
-from .compiled import TrainingBlock, compile_choice
+from .compiled import COMPILES, TrainingBlock, compile_choice
 from .losses import IGNORE, balance_loss, cross_entropy_sum, mtp_loss_sums, mtp_targets
 from .optim import lr_at, set_lr
 
@@ -68,7 +68,7 @@ class TrainConfig:
     skip_bad_rows: bool = arg(False, "skip (and count) malformed data rows instead of stopping")
     peak_tflops: float | None = arg(None, "peak TFLOP/s for MFU (default: measured matmul peak)")
     compile: str = arg("auto", "torch.compile each block's forward + backward: auto (on the CPU for models of "
-                       ">= 1M parameters; the first steps compile, cached on disk) | on | off")
+                       ">= 1M parameters; the first steps compile, cached on disk) | on | off", choices=COMPILES)
     plot_every: int = arg(50, "redraw the PNG plots every N steps")
 
 
