@@ -11,7 +11,8 @@ One optimiser step (`train_step`):
 1. every micro-batch's labelled tokens are counted first (and summed over ranks), so each token
    weighs the same whatever micro-batch or rank it lands in: the update equals one big batch;
 2. forward + backward per micro-batch under bf16 autocast where the device has fast bf16 (the
-   weights and their gradients stay float32: the master copy); DDP all-reduces on the last one;
+   weights and their gradients stay float32: the master copy), each block compiled where
+   `compile` says so (train/compiled.py); DDP all-reduces on the last one;
 3. the gradient norm is clipped; a step whose loss or gradient is not finite is skipped: gradients
    dropped, weights, optimizer moments and expert biases untouched, counted in `skipped_steps`;
 4. AdamW steps at the scheduled learning rate;
