@@ -169,9 +169,9 @@ class TrainState:
         inner = self.loss_model or LossModel(self.model, self.cfg.mtp_weight, self.cfg.balance_loss_weight)
         self.loss_module = inner
         # a stage whose loss module runs the blocks its own way (GRPO's) trains eager
-        self.compiled, self.compile_why = compile_choice(self.cfg.compile, self.model, self.session.device) \
+        compiling, self.compile_why = compile_choice(self.cfg.compile, self.model, self.session.device) \
             if isinstance(inner, LossModel) else (False, "this stage's loss runs eager")
-        if self.compiled:
+        if compiling:
             inner.block = TrainingBlock()
         if self.session.distributed:
             ids = [self.session.device.index] if self.session.device.type == "cuda" else None
@@ -179,6 +179,11 @@ class TrainState:
             inner = nn.parallel.DistributedDataParallel(inner, device_ids=ids,
                                                         find_unused_parameters=self.model.cfg.is_moe)
         self.loss_model = inner
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the blocks run compiled: chosen at start (compile_why says why) and not failed since."""
+        return bool(getattr(getattr(self.loss_module, "block", None), "compiled", False))
 
 
 def moe_gates(model: nn.Module) -> list:

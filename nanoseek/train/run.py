@@ -84,7 +84,6 @@ def fit(cfg: TrainConfig, session: Session, model, tokenizer, loader, stage: str
     if session.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / f"{stage}_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    if session.main:
         print(f"{stage}: torch.compile {'on' if state.compiled else 'off'} ({state.compile_why})"
               + ("; the first steps compile the blocks (tens of seconds on 2 cores), read back from "
                  f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')} by later runs" if state.compiled else ""), file=sys.stderr, flush=True)

@@ -28,67 +28,73 @@ namespace {
 
 constexpr int64_t kBlockN = 64;
 
+// One group's scale and zero from its min and max, and the offset and divisor its integers use.
+struct GroupParams {
+  c10::BFloat16 scale, zero;
+  float base, divisor;
+};
+
+inline GroupParams group_params(float lo, float hi) {
+  const c10::BFloat16 scale((hi - lo) / 15.f);
+  const float s = static_cast<float>(scale);
+  const c10::BFloat16 zero(lo + 8.f * s);
+  return {scale, zero, static_cast<float>(zero) - 8.f * s, s > 0.f ? s : 1.f};
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
-// One group of float32 weights, 16 lanes at a time: the same operations as the scalar loop below
-// (min / max are exact in any order; the division is IEEE's; roundscale to nearest-even without
-// exceptions is nearbyint in the default rounding mode), so the same integers, bit for bit.
-inline bool quantize_group_avx512(const float* x, int64_t g, uint8_t* q, c10::BFloat16* out) {
-  if (g % 16 != 0) return false;
+// One float32 group, 16 lanes at a time: the scalar loop's operations (min / max are exact in any
+// order; the division is IEEE's; roundscale to nearest-even without exceptions is nearbyint in the
+// default rounding mode), so the same integers, bit for bit. g must be a multiple of 16.
+inline GroupParams quantize_group_avx512(const float* x, int64_t g, uint8_t* q) {
   __m512 lo = _mm512_loadu_ps(x), hi = lo;
   for (int64_t i = 16; i < g; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     lo = _mm512_min_ps(lo, v);
     hi = _mm512_max_ps(hi, v);
   }
-  const float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
-  const c10::BFloat16 scale((h - l) / 15.f);
-  const float s = static_cast<float>(scale);
-  const c10::BFloat16 zero(l + 8.f * s);
-  const __m512 base = _mm512_set1_ps(static_cast<float>(zero) - 8.f * s), safe = _mm512_set1_ps(s > 0.f ? s : 1.f);
+  const GroupParams p = group_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+  const __m512 base = _mm512_set1_ps(p.base), divisor = _mm512_set1_ps(p.divisor);
   const __m512 top = _mm512_set1_ps(15.f), bottom = _mm512_setzero_ps();
   for (int64_t i = 0; i < g; i += 16) {
-    __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), base), safe);
+    __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), base), divisor);
     v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(top, _mm512_max_ps(bottom, v));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
   }
-  out[0] = scale;
-  out[1] = zero;
-  return true;
+  return p;
 }
 #endif
+
+template <typename T>
+GroupParams quantize_group(const T* x, int64_t g, uint8_t* q) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    if (g % 16 == 0) return quantize_group_avx512(x, g, q);
+  }
+#endif
+  float lo = static_cast<float>(x[0]), hi = lo;
+  for (int64_t i = 0; i < g; ++i) {
+    lo = std::min(lo, static_cast<float>(x[i]));
+    hi = std::max(hi, static_cast<float>(x[i]));
+  }
+  const GroupParams p = group_params(lo, hi);
+  for (int64_t i = 0; i < g; ++i) {
+    const float v = std::nearbyint((static_cast<float>(x[i]) - p.base) / p.divisor);
+    q[i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, v)));
+  }
+  return p;
+}
 
 template <typename T>
 void quantize_block(const T* w, int64_t rows, int64_t K, int64_t g, int64_t n0, int64_t N, uint8_t* q,
                     c10::BFloat16* sz) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* row = w + r * K;
-    uint8_t* qr = q + r * K;
     for (int64_t k0 = 0; k0 < K; k0 += g) {
-#ifdef __AVX512F__
-      if constexpr (std::is_same_v<T, float>) {
-        if (quantize_group_avx512(row + k0, g, qr + k0, sz + ((k0 / g) * N + n0 + r) * 2)) continue;
-      }
-#endif
-      float lo = static_cast<float>(row[k0]), hi = lo;
-      for (int64_t i = k0; i < k0 + g; ++i) {
-        const float x = static_cast<float>(row[i]);
-        lo = std::min(lo, x);
-        hi = std::max(hi, x);
-      }
-      const c10::BFloat16 scale((hi - lo) / 15.f);
-      const float s = static_cast<float>(scale);
-      const c10::BFloat16 zero(lo + 8.f * s);
-      const float base = static_cast<float>(zero) - 8.f * s;
-      const float safe = s > 0.f ? s : 1.f;
-      for (int64_t i = k0; i < k0 + g; ++i) {
-        const float v = std::nearbyint((static_cast<float>(row[i]) - base) / safe);
-        qr[i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, v)));
-      }
+      const GroupParams p = quantize_group(w + r * K + k0, g, q + r * K + k0);
       c10::BFloat16* out = sz + ((k0 / g) * N + n0 + r) * 2;
-      out[0] = scale;
-      out[1] = zero;
+      out[0] = p.scale;
+      out[1] = p.zero;
     }
   }
 }
