@@ -143,3 +143,22 @@ def test_a_bfloat16_model_keeps_float32_rope_frequencies():
     exact = model.rotary.inv_freq.clone()
     model.to(torch.bfloat16)
     assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, exact)
+
+
+def test_a_tied_embedding_gets_the_dense_gradient_of_both_its_uses():
+    """embed_tokens' sparse gradient lands in the head's dense one: .grad is the same dense tensor
+    that dense embedding lookups give, repeated tokens included; untied models stay dense throughout."""
+    torch.manual_seed(0)
+    for cfg, tied in ((tiny_llama(), True), (tiny_llama(tie_word_embeddings=False), False)):
+        model = Transformer(cfg)
+        ids = torch.tensor([[3, 5, 3, 7, 3, 9]])
+        grads = []
+        for dense in (False, True):
+            if dense:   # the plain lookup: a dense (V, D) gradient for the embedding's use
+                model.embed_tokens = lambda i: torch.nn.functional.embedding(i, model.embed.weight)
+            model.zero_grad(set_to_none=True)
+            model(ids).float().logsumexp(-1).sum().backward()
+            grads.append(model.embed.weight.grad)
+        assert grads[0].layout == torch.strided and not grads[0].is_sparse
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+        assert (model.head is None) == tied
