@@ -201,3 +201,22 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(TaskError, match="cannot read"):
         load_task(str(tmp_path / "latin1.jsonl"))
     assert set(FORMATS) == {"gsm8k", "math", "multiarith", "svamp"}
+
+
+def test_two_step_word_problems_chain_two_operations():
+    from nanoseek.tasks.arithmetic import TWO_STEP_TEMPLATES, compute, two_step_key
+    train = load_task("word_problems", split="train", n=2000, seed=0, steps=2)
+    assert train == load_task("word_problems", split="train", n=2000, seed=0, steps=2)
+    assert {p.meta["op"] for p in train} == set(TWO_STEP_TEMPLATES)
+    for p in train:
+        (first, second), m = p.meta["op"].split("_"), p.meta
+        partial = compute(first, m["a"], m["b"])
+        assert int(p.answer) == compute(second, partial, m["c"]) > 0 and is_correct(p.answer, p)
+        assert second != "div" or partial % m["c"] == 0
+        assert all(str(m[k]) in p.prompt for k in "abc")
+    key = lambda p: two_step_key(p.meta["op"], p.meta["a"], p.meta["b"], p.meta["c"])  # noqa: E731
+    test = load_task("word_problems", split="test", n=300, seed=0, steps=2)
+    assert len({p.prompt for p in test}) == 300
+    assert not {key(p) for p in train} & {key(p) for p in test}
+    with pytest.raises(TaskError, match="steps must be between 1 and 2"):
+        load_task("word_problems", steps=3)

@@ -1,4 +1,4 @@
-"""Generated tasks: multi-digit arithmetic and one-step word problems, seeded, with held-out splits.
+"""Generated tasks: multi-digit arithmetic and one- or two-step word problems, seeded, with held-out splits.
 
     load_task("arithmetic", split="test", n=200, digits=2, ops="+-")   # "What is 47 + 85?" -> "132"
     load_task("word_problems", split="train", n=1000, max_number=20)
@@ -6,10 +6,12 @@
 Knobs:
   arithmetic      digits (1-6, default 2: both operands have exactly that many digits; 1 allows 0-9),
                   ops (any of "+", "-", "*"; default "+-*"). Differences are never negative (a >= b).
-  word_problems   max_number (2-1000, default 50): the largest quantity in the story. One operation
-                  each (add, subtract, multiply, divide exactly), from varied templates, names and objects.
-Both are kind "exact" (integer answers). Each problem's meta holds {"op", "a", "b"}, the computation
-it asks for, which corpus.py turns into worked steps. The split of a problem is decided by that
+  word_problems   max_number (2-1000, default 50): the largest quantity in the story. steps (1 or 2,
+                  default 1): one operation each (add, subtract, multiply, divide exactly), or two
+                  chained as MultiArith chains them ("had a, got b more, gave c away": a + b - c),
+                  from varied templates, names and objects.
+Both are kind "exact" (integer answers). Each problem's meta holds {"op", "a", "b"} (two-step: an op
+such as "add_sub" and "c" too), the computation it asks for, which corpus.py turns into worked steps. The split of a problem is decided by that
 computation (problem.held_out), so "12 + 7" is held out as a bare sum and as a story alike.
 """
 
@@ -102,8 +104,65 @@ TEMPLATES = {
 }
 
 
-def word_problems(split: str, n: int, seed: int, max_number=50, at_most: bool = False) -> list[Problem]:
+# two operations each, (a op1 b) op2 c, as MultiArith's stories chain them
+TWO_STEP_TEMPLATES = {
+    "add_sub": [
+        "{name} had {a} {obj}. {pron} got {b} more and then gave {c} to {name2}. How many {obj} does {name} have now?",
+        "{name} and {name2} put their {obj} together. {name} had {a} and {name2} had {b}. If they used {c} of "
+        "them, how many {obj} do they have left?",
+    ],
+    "sub_sub": [
+        "A shop had {a} {obj}. It sold {b} in the morning and {c} in the afternoon. How many {obj} are left?",
+        "{name} had {a} {obj}. {pron} lost {b} of them and gave {c} to {name2}. How many {obj} does {name} have left?",
+    ],
+    "add_add": [
+        "{name} picked {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday. How many {obj} did {name} pick in all?",
+    ],
+    "sub_div": [
+        "{name} had {a} {obj}. After giving {b} away, {pron2} put the rest into {c} {group} with the same number "
+        "in each. How many {obj} are in each of the {group}?",
+    ],
+    "add_div": [
+        "{name} had {a} {obj} and {name2} had {b}. They shared them equally among {c} friends. How many {obj} did "
+        "each friend get?",
+    ],
+    "mul_sub": [
+        "{name} bought {a} {group} with {b} {obj} in each. {pron} gave away {c} {obj}. How many {obj} does {name} "
+        "have left?",
+    ],
+    "mul_add": [
+        "{name} has {a} {group} of {b} {obj} and {c} more loose {obj}. How many {obj} does {name} have in all?",
+    ],
+    "sub_mul": [
+        "A game had {a} players. {b} of them quit. If each player left had {c} {obj}, how many {obj} did they have "
+        "in total?",
+    ],
+}
+
+
+def two_step(op: str, top: int, rng) -> tuple[int, int, int] | None:
+    """Operands (a, b, c) of `op` ("add_sub": a + b - c) whose partial and final results are positive
+    whole numbers (divisions exact, factors of a product at most 12); None for a dead end."""
+    first, second = op.split("_")
+    a, b = rng.randint(2, top), rng.randint(2, top)
+    if first == "sub":
+        a, b = max(a, b) + (a == b), min(a, b)
+    if first == "mul":
+        a, b = rng.randint(2, max(2, min(top, 12))), rng.randint(2, max(2, min(top, 12)))
+    r = compute(first, a, b)
+    if second == "div":
+        divisors = [d for d in range(2, min(top, 12) + 1) if r % d == 0]
+        return (a, b, rng.choice(divisors)) if divisors else None
+    if second == "sub":
+        return (a, b, rng.randint(1, r - 1)) if r > 2 else None
+    c = rng.randint(2, max(2, min(top, 12))) if second == "mul" else rng.randint(2, top)
+    return a, b, c
+
+
+def word_problems(split: str, n: int, seed: int, max_number=50, steps=1, at_most: bool = False) -> list[Problem]:
     top = _int_knob("max_number", max_number, 2, 1000, "word_problems")
+    if _int_knob("steps", steps, 1, 2, "word_problems") == 2:
+        return _two_step_problems(split, n, seed, top, at_most)
 
     def make(rng):
         op = rng.choice(list(TEMPLATES))
@@ -121,3 +180,29 @@ def word_problems(split: str, n: int, seed: int, max_number=50, at_most: bool = 
         return computation_key(op, a, b), fields
 
     return sample_problems(make, split, n, seed, "word_problems", at_most)
+
+
+def _two_step_problems(split: str, n: int, seed: int, top: int, at_most: bool) -> list[Problem]:
+    def make(rng):
+        op = rng.choice(list(TWO_STEP_TEMPLATES))
+        operands = two_step(op, max(top, 3), rng)
+        if operands is None:
+            return None
+        a, b, c = operands
+        first, second = op.split("_")
+        answer = compute(second, compute(first, a, b), c)
+        (name, pron), (name2, _) = rng.sample(NAMES, 2)
+        text = rng.choice(TWO_STEP_TEMPLATES[op]).format(
+            name=name, name2=name2, pron=pron.capitalize(), pron2=pron, obj=rng.choice(OBJECTS),
+            group=rng.choice(GROUPS), a=a, b=b, c=c)
+        fields = dict(prompt=text, answer=str(answer), kind="exact", meta={"op": op, "a": a, "b": b, "c": c})
+        return two_step_key(op, a, b, c), fields
+
+    return sample_problems(make, split, n, seed, "word_problems_2", at_most)
+
+
+def two_step_key(op: str, a: int, b: int, c: int) -> tuple:
+    """The split key of (a op1 b) op2 c: operands that commute are sorted (a + b + c is c + a + b)."""
+    if op == "add_add":
+        return (op, *sorted((a, b, c)))
+    return (op, *sorted((a, b)), c) if op.split("_")[0] in ("add", "mul") else (op, a, b, c)
