@@ -10,8 +10,9 @@ Knobs:
                   default 1): one operation each (add, subtract, multiply, divide exactly), or two
                   chained as MultiArith chains them ("had a, got b more, gave c away": a + b - c),
                   from varied templates, names and objects.
-Both are kind "exact" (integer answers). Each problem's meta holds {"op", "a", "b"} (two-step: an op
-such as "add_sub" and "c" too), the computation it asks for, which corpus.py turns into worked steps. The split of a problem is decided by that
+Both are kind "exact" (integer answers). Each problem's meta holds {"op", "a", "b"}, the computation
+it asks for, which corpus.py turns into worked steps (two-step stories: an op such as "add_sub" and
+a "c" too; the corpus uses one-step ones only). The split of a problem is decided by that
 computation (problem.held_out), so "12 + 7" is held out as a bare sum and as a story alike.
 """
 
@@ -140,23 +141,32 @@ TWO_STEP_TEMPLATES = {
 }
 
 
-def two_step(op: str, top: int, rng) -> tuple[int, int, int] | None:
-    """Operands (a, b, c) of `op` ("add_sub": a + b - c) whose partial and final results are positive
+def two_step(op: str, top: int, rng) -> tuple[int, int, int, int] | None:
+    """(a, b, c, answer) of `op` ("add_sub": a + b - c) whose partial and final results are positive
     whole numbers (divisions exact, factors of a product at most 12); None for a dead end."""
     first, second = op.split("_")
+    small = max(2, min(top, 12))
     a, b = rng.randint(2, top), rng.randint(2, top)
     if first == "sub":
         a, b = max(a, b) + (a == b), min(a, b)
     if first == "mul":
-        a, b = rng.randint(2, max(2, min(top, 12))), rng.randint(2, max(2, min(top, 12)))
+        a, b = rng.randint(2, small), rng.randint(2, small)
     r = compute(first, a, b)
     if second == "div":
-        divisors = [d for d in range(2, min(top, 12) + 1) if r % d == 0]
-        return (a, b, rng.choice(divisors)) if divisors else None
-    if second == "sub":
-        return (a, b, rng.randint(1, r - 1)) if r > 2 else None
-    c = rng.randint(2, max(2, min(top, 12))) if second == "mul" else rng.randint(2, top)
-    return a, b, c
+        divisors = [d for d in range(2, small + 1) if r % d == 0]
+        c = rng.choice(divisors) if divisors else None
+    elif second == "sub":
+        c = rng.randint(1, r - 1) if r > 2 else None
+    else:
+        c = rng.randint(2, small) if second == "mul" else rng.randint(2, top)
+    return None if c is None else (a, b, c, compute(second, r, c))
+
+
+def _tell(rng, templates: list[str], **quantities) -> str:
+    """One of `templates` told with two drawn names (and the first's pronoun), an object and a container."""
+    (name, pron), (name2, _) = rng.sample(NAMES, 2)
+    return rng.choice(templates).format(name=name, name2=name2, pron=pron.capitalize(), pron2=pron,
+                                        obj=rng.choice(OBJECTS), group=rng.choice(GROUPS), **quantities)
 
 
 def word_problems(split: str, n: int, seed: int, max_number=50, steps=1, at_most: bool = False) -> list[Problem]:
@@ -172,10 +182,7 @@ def word_problems(split: str, n: int, seed: int, max_number=50, steps=1, at_most
         elif op == "div":                               # a = quotient × divisor <= top: exact division
             b = rng.randint(2, max(2, top // 2))
             a = b * rng.randint(2, max(2, top // b))
-        (name, pron), (name2, _) = rng.sample(NAMES, 2)
-        text = rng.choice(TEMPLATES[op]).format(
-            name=name, name2=name2, pron=pron.capitalize(), pron2=pron, obj=rng.choice(OBJECTS),
-            group=rng.choice(GROUPS), a=a, b=b)
+        text = _tell(rng, TEMPLATES[op], a=a, b=b)
         fields = dict(prompt=text, answer=str(compute(op, a, b)), kind="exact", meta={"op": op, "a": a, "b": b})
         return computation_key(op, a, b), fields
 
@@ -188,13 +195,8 @@ def _two_step_problems(split: str, n: int, seed: int, top: int, at_most: bool) -
         operands = two_step(op, max(top, 3), rng)
         if operands is None:
             return None
-        a, b, c = operands
-        first, second = op.split("_")
-        answer = compute(second, compute(first, a, b), c)
-        (name, pron), (name2, _) = rng.sample(NAMES, 2)
-        text = rng.choice(TWO_STEP_TEMPLATES[op]).format(
-            name=name, name2=name2, pron=pron.capitalize(), pron2=pron, obj=rng.choice(OBJECTS),
-            group=rng.choice(GROUPS), a=a, b=b, c=c)
+        a, b, c, answer = operands
+        text = _tell(rng, TWO_STEP_TEMPLATES[op], a=a, b=b, c=c)
         fields = dict(prompt=text, answer=str(answer), kind="exact", meta={"op": op, "a": a, "b": b, "c": c})
         return two_step_key(op, a, b, c), fields
 
