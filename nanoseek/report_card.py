@@ -189,8 +189,11 @@ def _plots(run: Path, plots: list[Path], done: dict) -> list[str]:
     return out or ["No plots yet."]
 
 
-def _mtp(done: dict) -> list[str]:
+def _mtp(meta: dict, done: dict) -> list[str]:
     speed = done.get("speed")
+    if not any(s["name"] == "speed" for s in meta["stages"]):
+        return [f"The `{meta['config']['preset']}` preset has no speed stage (`nanoseek bench engine` measures "
+                "serving)."]
     if not speed:
         return ["The speed stage has not run yet."]
     rows = ["| drafts per step | single-stream tok/s | batched tok/s | acceptance | tokens/step | "
@@ -273,7 +276,7 @@ def render(run: Path) -> tuple[str, list[str]]:
            "", "## Quality before and after", "", *_quality(meta, done),
            "", "## Training", "", *_training(done),
            "", "## Plots", "", *_plots(run, plots, done),
-           "", "## MTP speculative decoding and serving speed", "", *_mtp(done),
+           "", "## MTP speculative decoding and serving speed", "", *_mtp(meta, done),
            "", "## Cost", "", *_cost(meta, done),
            "", "## Serve the trained model", ""]
     if "checkpoint" in done.get("distill", {}):

@@ -6,7 +6,7 @@ import pytest
 
 from nanoseek.rewards import accuracy_reward, check_countdown, countdown_value, extract_answer, format_reward
 from nanoseek.tasks import held_out, load_task
-from nanoseek.tasks.arithmetic import computation_key
+from nanoseek.tasks.arithmetic import computation_key, two_step_key
 from nanoseek.tasks.corpus import (addition_steps, multiplication_steps, subtraction_steps, synthetic_documents,
                                    synthetic_sft_examples)
 
@@ -135,3 +135,25 @@ def test_multiplication_steps(a, b):
 def test_column_steps_carry_and_borrow():
     assert addition_steps(47, 85) == ["7 + 5 = 12, write 2 carry 1", "4 + 8 + 1 = 13, write 13", "So 47 + 85 = 132."]
     assert subtraction_steps(83, 47) == ["13 - 7 = 6, borrow 1", "7 - 4 = 3", "So 83 - 47 = 36."]
+
+
+def _result(steps: str) -> str:
+    """What a run of worked lines computes: its last line's right-hand side."""
+    return steps.rstrip(".").split("\n")[-1].split(" = ")[-1]
+
+
+def test_the_word_problem_mix_works_both_steps_of_a_two_step_story():
+    examples = synthetic_sft_examples(300, seed=0, mix="word_problems")
+    two_step = 0
+    held = {p.prompt for p in load_task("word_problems", split="test", n=200, steps=2)}
+    for user, assistant in examples:
+        steps = re.fullmatch(r"<think>\n(.+)\n</think>\n\nThe answer is (\d+)\.", assistant["content"], re.DOTALL)
+        assert steps and user["content"] not in held, assistant["content"]
+        for line in steps[1].split("\n"):
+            _check_step(line)
+        parts = steps[1].split("\nThen ")
+        assert len(parts) <= 2 and _result(parts[-1]) == steps[2]    # the last operation gives the answer
+        if len(parts) == 2:
+            two_step += 1                                       # the second starts from the first's result
+            assert re.match(rf"[^\n]*\b{_result(parts[0])}\b", parts[1]), steps[1]
+    assert 150 < two_step < 250                                 # two thirds of the mix

@@ -120,6 +120,16 @@ def test_builtin_corpus(smollm2):
     assert "</think>" in smollm2.decode([i for i in next(loader)["labels"].flatten().tolist() if i >= 0])
 
 
+def test_a_builtin_mix_is_named_after_a_colon():
+    chats, _ = read_conversations("builtin:word_problems", builtin_size=30, seed=0)
+    assert len(chats) == 30 and chats[0][0] == "builtin:word_problems:0"
+    assert all(not m[0]["content"].startswith(("What is", "Using the numbers")) for _, m in chats)
+    messages = lambda data: [m for _, m in read_conversations(data, builtin_size=4)[0]]    # noqa: E731
+    assert messages("builtin:all") == messages("builtin")
+    with pytest.raises(DataError, match="builtin:nope: no built-in mix 'nope' \\(choose one of all, word_problems"):
+        read_documents("builtin:nope")
+
+
 # ---- pretraining: packing and the document-boundary rule -----------------------------------------
 
 @pytest.fixture

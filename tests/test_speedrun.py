@@ -54,6 +54,25 @@ def test_cpu_preset_takes_the_grpo_preset_at_run_time(monkeypatch):
     assert grpo_settings(dataclasses.replace(cfg, grpo_steps=3), "m", "o").steps == 3
 
 
+def test_reasoning_preset_cold_starts_smollm2_then_runs_its_grpo_preset(tmp_path):
+    from nanoseek.speedrun.training import cold_start_data
+    from nanoseek.train import grpo
+    cfg = resolve(SpeedrunConfig(preset="reasoning", out=str(tmp_path)))
+    assert [s.name for s in pipeline(cfg)] == ["eval_base", "sft", "eval_sft", "grpo", "eval_grpo"]
+    preset = grpo.PRESETS["smollm2_word_problems"]()
+    g = grpo_settings(cfg, "sft/latest", "x/grpo")
+    assert (g.model, g.task, g.task_knobs, g.steps, g.max_new_tokens) == ("sft/latest", "word_problems", "steps=2",
+                                                                         preset.steps, 128)
+    assert task_of(cfg) == ("word_problems", {"steps": 2}, "chat", 128)
+    rows = [json.loads(line) for line in cold_start_data(tmp_path / "c.jsonl", 30, 0, "chat", "word_problems")
+            .read_text().splitlines()]
+    asked = [r["messages"][0]["content"] for r in rows]
+    assert len(rows) == 30 and all(q.endswith("\nGive the final answer as a number on the last line.") for q in asked)
+    assert any("\nThen " in r["messages"][1]["content"] for r in rows)       # two-step stories are worked
+    check_settings(tmp_path, cfg, pipeline(cfg))
+    assert "no speed stage" in render(tmp_path)[0]
+
+
 def test_a_folder_with_other_settings_is_refused(tmp_path):
     cfg = resolve(SpeedrunConfig(preset="scratch", out=str(tmp_path)))
     check_settings(tmp_path, cfg, pipeline(cfg))

@@ -2,6 +2,7 @@
 
     nanoseek speedrun                                  # cpu preset: SmolLM2-135M, GRPO, <= 20 min on 2 cores
     nanoseek speedrun --preset scratch                 # a small DeepSeek-V3 from random init, <= 15 min
+    nanoseek speedrun --preset reasoning               # SmolLM2: cold-start SFT, then GRPO on word problems
     nanoseek speedrun --preset scratch --out runs/s1   # rerun after ^C: finished stages are skipped
     nanoseek speedrun --preset scratch --model tiny_deepseek_v3 --pretrain-steps 20 ...   # shortened
 
@@ -13,6 +14,10 @@ Presets (config.py):
              the synthetic corpus, cold-start SFT, GRPO, rejection sampling and distillation into a
              dense student, each model evaluated, and the MTP module used for speculative decoding
              when serving the GRPO model (acceptance rate, tokens/s with and without drafts).
+    reasoning  SmolLM2-135M-Instruct through R1's cold start then RL: evaluated (held-out two-step
+             word problems, all of MultiArith, greedy), fine-tuned on worked one- and two-step word
+             problems (`--data builtin:word_problems`), trained with GRPO (`nanoseek train grpo
+             --preset smollm2_word_problems`), each model evaluated.
 
 Each stage writes DIR/<stage>/ and DIR/<stage>/DONE.json (run.py); DIR/report.md, the report card
 (nanoseek/report_card.py), is drawn from those files alone. Left out on purpose: R1's second SFT
@@ -20,7 +25,7 @@ round on non-reasoning data and the final all-scenario RL stage, multi-process r
 themselves take torchrun; the speedrun runs them in one process), and any downloaded data.
 """
 
-from .config import PRESETS, SpeedrunConfig, cpu, resolve, scratch
+from .config import PRESETS, SpeedrunConfig, cpu, reasoning, resolve, scratch
 
 
 def main(cfg: SpeedrunConfig) -> dict:
@@ -31,4 +36,4 @@ def main(cfg: SpeedrunConfig) -> dict:
     return run_main(cfg)
 
 
-__all__ = ["PRESETS", "SpeedrunConfig", "cpu", "main", "resolve", "scratch"]
+__all__ = ["PRESETS", "SpeedrunConfig", "cpu", "main", "reasoning", "resolve", "scratch"]

@@ -1,4 +1,4 @@
-"""SpeedrunConfig and its presets (`cpu`, `scratch`), Python functions returning a config.
+"""SpeedrunConfig and its presets (`cpu`, `scratch`, `reasoning`), Python functions returning a config.
 
 A field left at None takes its preset's value; a flag given on the command line wins over the
 preset. In the `cpu` preset the GRPO settings (task, knobs, completion length) stay None: they are
@@ -30,8 +30,9 @@ SHARED_MULTIARITH = "../shared/data/multiarith.jsonl"
 @dataclass
 class SpeedrunConfig:
     preset: str = arg("cpu", "cpu (SmolLM2 + GRPO, <= 20 min on 2 cores) | scratch (V3-style model from "
-                             "random init: pretrain, SFT, GRPO, distillation, MTP serving, <= 15 min)",
-                      choices=["cpu", "scratch"])
+                             "random init: pretrain, SFT, GRPO, distillation, MTP serving, <= 15 min) | "
+                             "reasoning (SmolLM2: cold-start SFT + GRPO on word problems, MultiArith, <= 30 min)",
+                      choices=["cpu", "scratch", "reasoning"])
     out: str | None = arg(None, "run folder; a rerun with the same folder skips finished stages "
                                 "(default: runs/speedrun-<preset>)")
     model: str | None = arg(None, "cpu: the model trained (smollm2-135m); scratch: the preset pretrained "
@@ -40,7 +41,7 @@ class SpeedrunConfig:
     task_knobs: str | None = arg(None, "its difficulty knobs, e.g. 'digits=2,ops=+' (cpu: the GRPO preset's)")
     pretrain_steps: int | None = arg(None, "scratch: pretraining steps on the synthetic corpus")
     corpus_size: int | None = arg(None, "scratch: documents of the synthetic pretraining corpus")
-    sft_steps: int | None = arg(None, "scratch: cold-start SFT steps on synthetic worked examples")
+    sft_steps: int | None = arg(None, "scratch, reasoning: cold-start SFT steps on synthetic worked examples")
     grpo_steps: int | None = arg(None, "GRPO steps (cpu: the GRPO preset's)")
     distill_steps: int | None = arg(None, "scratch: SFT steps of the dense student")
     student: str | None = arg(None, "scratch: the student preset (tiny_qwen2 | tiny_llama)")
@@ -77,7 +78,15 @@ def scratch() -> SpeedrunConfig:
                           max_new_tokens=96, real_size=100, real_max_tokens=96, speed_prompts=8, speed_tokens=96)
 
 
-PRESETS = {f.__name__: f for f in (cpu, scratch)}
+def reasoning() -> SpeedrunConfig:
+    """SmolLM2-135M-Instruct through R1's cold start then RL on word problems: evaluated, fine-tuned on
+    worked one- and two-step stories (the corpus's word_problems mix), trained with GRPO on two-step
+    ones (the smollm2_word_problems preset), evaluated again; greedy, on all of MultiArith."""
+    return SpeedrunConfig(preset="reasoning", model="smollm2-135m", sft_steps=60, eval_size=200, eval_samples=1,
+                          real_size=600, real_max_tokens=256)
+
+
+PRESETS = {f.__name__: f for f in (cpu, scratch, reasoning)}
 # fields that only price the run: changing them re-renders the report, it redoes no stage
 REPORT_ONLY = ("usd_per_hour", "watts", "usd_per_kwh")
 

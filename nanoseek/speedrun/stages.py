@@ -107,6 +107,10 @@ def pipeline(cfg: SpeedrunConfig) -> list[Stage]:
         return [Stage("eval_base", f"{cfg.model} (before)", eval_stage(base)),
                 Stage("grpo", "GRPO", grpo_stage), Stage("eval_grpo", "after GRPO", eval_stage(at("grpo"))),
                 Stage("speed", "serving", speed_stage)]
+    if cfg.preset == "reasoning":
+        return [Stage("eval_base", f"{cfg.model} (before)", eval_stage(base)),
+                Stage("sft", "cold-start SFT", sft_stage), Stage("eval_sft", "after SFT", eval_stage(at("sft"))),
+                Stage("grpo", "GRPO", grpo_stage), Stage("eval_grpo", "after GRPO", eval_stage(at("grpo")))]
     return [Stage("pretrain", "pretraining", pretrain_stage),
             Stage("eval_pretrain", "base (pretrained)", eval_stage(at("pretrain"), "corpus")),
             Stage("sft", "cold-start SFT", sft_stage), Stage("eval_sft", "after SFT", eval_stage(at("sft"))),

@@ -14,14 +14,15 @@ then "The answer is N." (Countdown: "The answer is \\boxed{expression}.", since 
 single number), the shape the chat-template GRPO variant rewards. One format each, short (about
 30-120 tokens), with the same step style everywhere: column-wise addition with carries, column-wise
 subtraction with borrows, multiplication split by place value, division checked by multiplication,
-Countdown as the sequence of operations its solution performs.
+Countdown as the sequence of operations its solution performs. A two-step word problem works its
+first operation, then "Then ..." and its second on the first's result.
 
 The problems come from the task generators themselves (arithmetic, word_problems, countdown), and
 only from their train split: a held-out computation (problem.held_out) never appears in the corpus,
 so evaluating on load_task(..., split="test") after pretraining on this corpus measures
 generalisation, not recall. (The guarantee is about problems: the digit facts inside worked steps,
-like the "7 + 5" column of 47 + 85, are knowledge every split shares.) Mix: MIX below. Left out:
-any prose that is not a worked problem.
+like the "7 + 5" column of 47 + 85, are knowledge every split shares.) Mix: MIX below, or another of
+MIXES by name (`--data builtin:word_problems`). Left out: any prose that is not a worked problem.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import ast
 import random
 
-from .arithmetic import arithmetic, word_problems
+from .arithmetic import arithmetic, compute, word_problems
 from .countdown import countdown
 
 # (share, generator, knobs): what a document is about
@@ -40,6 +41,14 @@ MIX = [
     (0.35, word_problems, dict(max_number=50)),
     (0.10, countdown, dict(count=3, max_number=20)),
 ]
+
+# named mixes for `--data builtin:NAME`; "all" is MIX
+MIXES = {
+    "all": MIX,
+    # a cold start before GRPO on word problems: MultiArith's one- and two-operation stories
+    "word_problems": [(1 / 3, word_problems, dict(max_number=50)),
+                      (2 / 3, word_problems, dict(max_number=50, steps=2))],
+}
 
 DOCUMENT = "User: {question}\nAssistant: <think>\n{steps}\n</think>\n<answer>{answer}</answer>"
 SFT_ANSWER = "<think>\n{steps}\n</think>\n\nThe answer is {answer}."
@@ -120,10 +129,21 @@ def worked_steps(problem) -> list[str]:
     meta = problem.meta
     if problem.kind == "countdown":
         return countdown_steps(meta["solution"], meta["target"])
-    lines = STEPS[meta["op"]](meta["a"], meta["b"])
-    if not problem.prompt.startswith("What is"):                     # a word problem: say which operation
-        lines = [WORDS[meta["op"]].format(a=meta["a"], b=meta["b"])] + lines
-    return lines
+    if "c" in meta:                                     # (a op1 b) op2 c: the second on the first's result
+        first, second = meta["op"].split("_")
+        then = _said_and_worked(second, compute(first, meta["a"], meta["b"]), meta["c"])
+        return _said_and_worked(first, meta["a"], meta["b"]) + ["Then " + _lower_first(then[0])] + then[1:]
+    if problem.prompt.startswith("What is"):
+        return STEPS[meta["op"]](meta["a"], meta["b"])
+    return _said_and_worked(meta["op"], meta["a"], meta["b"])       # a word problem: say which operation
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _said_and_worked(op: str, a: int, b: int) -> list[str]:
+    return [WORDS[op].format(a=a, b=b)] + STEPS[op](a, b)
 
 
 def countdown_steps(solution: str, target: int) -> list[str]:
@@ -145,30 +165,33 @@ def countdown_steps(solution: str, target: int) -> list[str]:
 
 # ---- the corpus ----------------------------------------------------------------------------------
 
-def _problems(n: int, seed: int) -> list:
-    """n train-split problems drawn by MIX, in a seeded order."""
+def _problems(n: int, seed: int, mix: str = "all") -> list:
+    """n train-split problems drawn by MIXES[mix], in a seeded order."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown built-in mix {mix!r}: choose one of {', '.join(MIXES)}")
+    shares = MIXES[mix]
     rng = random.Random(f"corpus|{seed}")
-    counts = [0] * len(MIX)
+    counts = [0] * len(shares)
     for _ in range(n):
-        counts[rng.choices(range(len(MIX)), weights=[share for share, _, _ in MIX])[0]] += 1
+        counts[rng.choices(range(len(shares)), weights=[share for share, _, _ in shares])[0]] += 1
     problems = []
-    for i, ((_, make, knobs), count) in enumerate(zip(MIX, counts)):
+    for i, ((_, make, knobs), count) in enumerate(zip(shares, counts)):
         if count:
             problems += make("train", count, seed * 1000 + i, **knobs)
     rng.shuffle(problems)
     return problems
 
 
-def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+def synthetic_documents(n: int, seed: int = 0, mix: str = "all") -> list[str]:
     """n pretraining documents: "User: question\\nAssistant: <think>\\nsteps\\n</think>\\n<answer>N</answer>"."""
     return [DOCUMENT.format(question=p.prompt, steps="\n".join(worked_steps(p)), answer=_final(p))
-            for p in _problems(n, seed)]
+            for p in _problems(n, seed, mix)]
 
 
-def synthetic_sft_examples(n: int, seed: int = 0) -> list[list[dict]]:
+def synthetic_sft_examples(n: int, seed: int = 0, mix: str = "all") -> list[list[dict]]:
     """n chat examples: a user question and an assistant turn "<think>\\nsteps\\n</think>\\n\\nThe answer is N."."""
     examples = []
-    for p in _problems(n, seed + 10 ** 6):       # other problems than the documents of the same seed
+    for p in _problems(n, seed + 10 ** 6, mix):  # other problems than the documents of the same seed
         answer = f"\\boxed{{{_final(p)}}}" if p.kind == "countdown" else _final(p)
         examples.append([{"role": "user", "content": p.prompt},
                          {"role": "assistant", "content": SFT_ANSWER.format(steps="\n".join(worked_steps(p)),

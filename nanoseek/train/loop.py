@@ -46,7 +46,8 @@ from .optim import lr_at, set_lr
 class TrainConfig:
     """Fields every training stage shares; a stage's config extends it with its own."""
     model: str = arg("small_deepseek_v3", "a preset name (see --help of the stage) or a Hugging Face folder")
-    data: str = arg("builtin", "a .txt/.jsonl file, a folder or glob of them, or 'builtin' (synthetic corpus)")
+    data: str = arg("builtin", "a .txt/.jsonl file, a folder or glob of them, or 'builtin' (the synthetic "
+                               "corpus; 'builtin:word_problems' for one of its other mixes)")
     out: str = arg("runs/train", "run folder: checkpoints, metrics.jsonl, plots")
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "rows per micro-batch, per process")

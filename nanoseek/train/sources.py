@@ -12,7 +12,8 @@ Formats:
             pretraining: {"text": "..."}
             SFT: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
                  or a pair: prompt/completion, prompt/response, question/answer, instruction/output
-    "builtin"  nanoseek.tasks.corpus.synthetic_documents / synthetic_sft_examples(n, seed)
+    "builtin"  nanoseek.tasks.corpus.synthetic_documents / synthetic_sft_examples(n, seed);
+    "builtin:NAME"  the same drawn from the corpus's mix NAME (tasks/corpus.py MIXES: word_problems)
 
 Left out on purpose: Parquet/Arrow, streaming reads of corpora larger than memory, remote URLs.
 
@@ -66,12 +67,12 @@ def data_files(data) -> list[Path]:
 def read_documents(data, *, skip_bad: bool = False, builtin_size: int = 20_000,
                    seed: int = 0) -> tuple[list[tuple[str, str]], int]:
     """Pretraining documents [(where, text)] and the number of malformed rows skipped."""
-    if data == "builtin":
+    if builtin_mix(data):
         from nanoseek.tasks.corpus import (
             synthetic_documents,  # lazily: only this data needs it
         )
-        rows = ((f"builtin:{i}", {"text": text}) for i, text in enumerate(synthetic_documents(builtin_size, seed)))
-        return _collect("builtin", rows, _document, skip_bad)
+        texts = synthetic_documents(builtin_size, seed, builtin_mix(data))
+        return _collect(data, ((f"{data}:{i}", {"text": t}) for i, t in enumerate(texts)), _document, skip_bad)
     out, skipped = [], 0
     for file in data_files(data):
         rows = [(str(file), {"text": _read_text(file)})] if file.suffix == ".txt" else _jsonl_rows(file)
@@ -83,10 +84,10 @@ def read_documents(data, *, skip_bad: bool = False, builtin_size: int = 20_000,
 def read_conversations(data, *, skip_bad: bool = False, builtin_size: int = 2_000,
                        seed: int = 0) -> tuple[list[tuple[str, list[dict]]], int]:
     """Chat examples [(where, messages)] and the number of malformed rows skipped."""
-    if data == "builtin":
+    if builtin_mix(data):
         from nanoseek.tasks.corpus import synthetic_sft_examples
-        rows = ((f"builtin:{i}", {"messages": m}) for i, m in enumerate(synthetic_sft_examples(builtin_size, seed)))
-        return _collect("builtin", rows, _conversation, skip_bad)
+        chats = synthetic_sft_examples(builtin_size, seed, builtin_mix(data))
+        return _collect(data, ((f"{data}:{i}", {"messages": m}) for i, m in enumerate(chats)), _conversation, skip_bad)
     out, skipped = [], 0
     for file in data_files(data):
         if file.suffix != ".jsonl":
@@ -94,6 +95,17 @@ def read_conversations(data, *, skip_bad: bool = False, builtin_size: int = 2_00
         got, bad = _collect(file, _jsonl_rows(file), _conversation, skip_bad)
         out, skipped = out + got, skipped + bad
     return out, skipped
+
+
+def builtin_mix(data) -> str | None:
+    """The built-in corpus mix `data` names ("builtin" is "all", "builtin:NAME" is NAME), else None."""
+    if not isinstance(data, str) or not (data == "builtin" or data.startswith("builtin:")):
+        return None
+    from nanoseek.tasks.corpus import MIXES
+    mix = data.partition(":")[2] or "all"
+    if mix not in MIXES:
+        raise DataError(f"{data}: no built-in mix {mix!r} (choose one of {', '.join(MIXES)})")
+    return mix
 
 
 def _collect(source, rows, parse, skip_bad: bool):
