@@ -210,6 +210,14 @@ def test_config_helpers():
     assert len(seen) == 10 and len(set(seen[:4])) == 4
 
 
+def test_the_word_problem_preset_names_the_cold_start_it_needs(tmp_path, monkeypatch):
+    from nanoseek.train.grpo import main
+    monkeypatch.chdir(tmp_path)                    # no runs/speedrun-reasoning here
+    with pytest.raises(ValueError, match="starts from the cold-start SFT; `nanoseek speedrun --preset reasoning`"):
+        main(GRPOConfig(preset="smollm2_word_problems", out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_parked_rollout_copy_comes_back_as_the_updated_weights():
     """The bf16 rollout copy gives its memory back during the update, then holds the new weights
     and biases (MoE gate buffers included), in bfloat16, and its engine's cache sees the change."""

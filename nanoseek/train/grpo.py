@@ -113,6 +113,9 @@ def smollm2_addition() -> GRPOConfig:
                       eval_every=10, eval_size=200, save_every=10)
 
 
+COLD_START = "runs/speedrun-reasoning/sft/latest"     # where `nanoseek speedrun --preset reasoning` puts its SFT
+
+
 def smollm2_word_problems() -> GRPOConfig:
     """RL after R1's cold start: SmolLM2-135M-Instruct fine-tuned on worked word problems (`nanoseek
     train sft --data builtin:word_problems`; `nanoseek speedrun --preset reasoning` runs both) learns
@@ -124,7 +127,7 @@ def smollm2_word_problems() -> GRPOConfig:
     Measured: lr 1e-5 at T 0.7 took held-out 37.5% -> 40.0% and MultiArith 6.8% -> 12.2% in 8
     steps; lr 2e-5 at T 0.8 with 8 prompts fell to 19%, and lr 5e-5 collapsed within 5 steps.
     """
-    return GRPOConfig(model="runs/speedrun-reasoning/sft/latest", task="word_problems", task_knobs="steps=2",
+    return GRPOConfig(model=COLD_START, task="word_problems", task_knobs="steps=2",
                       steps=8, group_size=8, prompts_per_step=16, max_new_tokens=128, temperature=0.7, lr=1e-5,
                       eval_every=4, eval_size=200, save_every=4)
 
@@ -429,6 +432,9 @@ def main(cfg: GRPOConfig) -> None:
     from ..engine.llm import LLM
     from .run import replica_checksums, restore, resume_point
     cfg = apply_preset(cfg)
+    if cfg.model == COLD_START and not Path(cfg.model).exists():
+        raise ValueError(f"{cfg.model}: this preset starts from the cold-start SFT; `nanoseek speedrun --preset "
+                         "reasoning` makes it (or give --model)")
     if cfg.group_size < 2:
         raise ValueError("group_size must be >= 2: GRPO's baseline is the group mean")
     session = start(cfg)
