@@ -155,11 +155,11 @@ def sft_stage(ctx, folder: Path) -> dict:
     smol = cfg.preset == "reasoning"
     data = cold_start_data(folder / "cold_start.jsonl", sft.SFTConfig().corpus_size, cfg.seed, task_of(cfg)[2],
                            mix="word_problems" if smol else "all")
-    shape = dict(lr=5e-5, batch_size=4, seq_len=512) if smol else dict(lr=1e-3)
+    settings = dict(lr=5e-5, batch_size=4, seq_len=512) if smol else dict(lr=1e-3)
     tc = sft.SFTConfig(model=cfg.model if smol else str(ctx.run / "pretrain" / "latest"), data=str(data),
                        out=str(folder), steps=cfg.sft_steps, warmup_steps=max(1, cfg.sft_steps // 10), seed=cfg.seed,
                        resume=step > 0, save_every=_every(cfg.sft_steps), keep_last=1, plot_every=cfg.sft_steps,
-                       **shape)
+                       **settings)
     sft.main(tc)
     return trained(folder, tc.seq_len, step, ctx.run)
 
