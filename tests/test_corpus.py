@@ -6,7 +6,7 @@ import pytest
 
 from nanoseek.rewards import accuracy_reward, check_countdown, countdown_value, extract_answer, format_reward
 from nanoseek.tasks import held_out, load_task
-from nanoseek.tasks.arithmetic import computation_key, two_step_key
+from nanoseek.tasks.arithmetic import computation_key
 from nanoseek.tasks.corpus import (addition_steps, multiplication_steps, subtraction_steps, synthetic_documents,
                                    synthetic_sft_examples)
 

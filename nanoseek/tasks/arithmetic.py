@@ -12,7 +12,7 @@ Knobs:
                   from varied templates, names and objects.
 Both are kind "exact" (integer answers). Each problem's meta holds {"op", "a", "b"}, the computation
 it asks for, which corpus.py turns into worked steps (two-step stories: an op such as "add_sub" and
-a "c" too; the corpus uses one-step ones only). The split of a problem is decided by that
+a "c" too, worked as two chained operations). The split of a problem is decided by that
 computation (problem.held_out), so "12 + 7" is held out as a bare sum and as a story alike.
 """
 

@@ -67,11 +67,11 @@ def data_files(data) -> list[Path]:
 def read_documents(data, *, skip_bad: bool = False, builtin_size: int = 20_000,
                    seed: int = 0) -> tuple[list[tuple[str, str]], int]:
     """Pretraining documents [(where, text)] and the number of malformed rows skipped."""
-    if builtin_mix(data):
+    if mix := builtin_mix(data):
         from nanoseek.tasks.corpus import (
             synthetic_documents,  # lazily: only this data needs it
         )
-        texts = synthetic_documents(builtin_size, seed, builtin_mix(data))
+        texts = synthetic_documents(builtin_size, seed, mix)
         return _collect(data, ((f"{data}:{i}", {"text": t}) for i, t in enumerate(texts)), _document, skip_bad)
     out, skipped = [], 0
     for file in data_files(data):
@@ -84,9 +84,9 @@ def read_documents(data, *, skip_bad: bool = False, builtin_size: int = 20_000,
 def read_conversations(data, *, skip_bad: bool = False, builtin_size: int = 2_000,
                        seed: int = 0) -> tuple[list[tuple[str, list[dict]]], int]:
     """Chat examples [(where, messages)] and the number of malformed rows skipped."""
-    if builtin_mix(data):
+    if mix := builtin_mix(data):
         from nanoseek.tasks.corpus import synthetic_sft_examples
-        chats = synthetic_sft_examples(builtin_size, seed, builtin_mix(data))
+        chats = synthetic_sft_examples(builtin_size, seed, mix)
         return _collect(data, ((f"{data}:{i}", {"messages": m}) for i, m in enumerate(chats)), _conversation, skip_bad)
     out, skipped = [], 0
     for file in data_files(data):
