@@ -117,25 +117,24 @@ class MoE(nn.Module):
         flat = indices.flatten()                                   # (N*K,) slot -> expert
         order = flat.argsort(stable=True)                          # slots sorted by expert
         counts = torch.bincount(flat, minlength=self.n_routed_experts)
-        gate_weights = weights.flatten()[order]
         if stacked is not None:
-            # each expert's rows padded (group_rows); pad rows read row N, a zero row appended to x, so
-            # their outputs are exactly 0 and their sums land in row N, dropped below
+            # each expert's rows padded (group_rows); pad rows read row N, a zero row appended to x
             rows, counts = padded_rows(flat[order], counts, group_rows(N * K, self.n_routed_experts))
-            size = int(counts.sum())
-            token_of = torch.full((size,), N, dtype=order.dtype).index_copy(0, rows, order // K)
-            gate_weights = gate_weights.new_zeros(size).index_copy(0, rows, gate_weights)
+            token_of = torch.full((int(counts.sum()),), N, dtype=order.dtype).index_copy(0, rows, order // K)
             # index_select, not x[token_of]: its backward is one index_add, advanced indexing's an index_put
             # with accumulate (12 of ~95 ms of a MoE layer's forward + backward, small preset, 2,048 tokens)
             xs = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token_of)
             out = self._experts_grouped(xs, counts, *stacked)
         else:
-            token_of = order // K                                  # sorted slot -> token
-            xs = x.index_select(0, token_of)                       # (N*K, D) grouped by expert
+            rows = torch.arange(N * K, device=x.device)
+            xs = x.index_select(0, order // K)                     # (N*K, D) grouped by expert
             # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
             out = torch.cat([self.experts[e](part) for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
-        routed = out * gate_weights.unsqueeze(1).to(out.dtype)
-        return x.new_zeros(N + 1, D).index_add_(0, token_of, routed.to(x.dtype))[:N]
+        # gathered back per token and weighted, rather than index_add_-ed: index_add_'s backward keeps
+        # its whole source for the shape alone (a float32 copy of every routed row, 3.4 MB a layer here)
+        slot_row = torch.empty_like(rows).index_copy_(0, order, rows)              # (N*K,) row of slot t*K + k
+        mine = out.index_select(0, slot_row).view(N, K, D) * weights.to(out.dtype).unsqueeze(-1)
+        return mine.sum(1, dtype=torch.float32).to(x.dtype)      # the K experts summed in float32
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """Training on the CPU with plain float experts takes the grouped matmul. Inference keeps the
