@@ -113,28 +113,25 @@ class MoE(nn.Module):
 
         Left to eager when the block around it is compiled (train/compiled.py): how many rows each
         expert gets is data, and a compiled graph would be traced again for every new count."""
-        N, D, K = x.shape[0], x.shape[1], indices.shape[1]
-        flat = indices.flatten()                                   # (N*K,) slot -> expert
+        N, K = x.shape[0], indices.shape[1]
+        flat = indices.flatten()                                   # (N*K,) slot t*K + k -> expert
         order = flat.argsort(stable=True)                          # slots sorted by expert
         counts = torch.bincount(flat, minlength=self.n_routed_experts)
         if stacked is not None:
-            # each expert's rows padded (group_rows); pad rows read row N, a zero row appended to x
+            # each expert's rows padded (group_rows); a pad row holds slot N*K, which reads and weighs zero
             rows, counts = padded_rows(flat[order], counts, group_rows(N * K, self.n_routed_experts))
-            token_of = torch.full((int(counts.sum()),), N, dtype=order.dtype).index_copy(0, rows, order // K)
-            # index_select, not x[token_of]: its backward is one index_add, advanced indexing's an index_put
-            # with accumulate (12 of ~95 ms of a MoE layer's forward + backward, small preset, 2,048 tokens)
-            xs = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token_of)
-            out = self._experts_grouped(xs, counts, *stacked)
+            row_slot = torch.full((int(counts.sum()),), N * K, dtype=order.dtype).index_copy_(0, rows, order)
         else:
-            rows = torch.arange(N * K, device=x.device)
-            xs = x.index_select(0, order // K)                     # (N*K, D) grouped by expert
-            # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
+            rows, row_slot = torch.arange(N * K, device=x.device), order
+        slot_row = torch.empty_like(rows).index_copy_(0, order, rows)              # (N*K,) inverse of row_slot
+        token_of = row_slot // K                                                   # (S,) N for pad rows
+        dtype = stacked[0].dtype if stacked is not None else x.dtype
+        xs = _Dispatch.apply(x, token_of, slot_row, dtype)                         # (S, D) grouped by expert
+        if stacked is not None:
+            out = self._experts_grouped(xs, counts, *stacked)
+        else:   # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
             out = torch.cat([self.experts[e](part) for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
-        # gathered back per token and weighted, rather than index_add_-ed: index_add_'s backward keeps
-        # its whole source for the shape alone (a float32 copy of every routed row, 3.4 MB a layer here)
-        slot_row = torch.empty_like(rows).index_copy_(0, order, rows)              # (N*K,) row of slot t*K + k
-        mine = out.index_select(0, slot_row).view(N, K, D) * weights.to(out.dtype).unsqueeze(-1)
-        return mine.sum(1, dtype=torch.float32).to(x.dtype)      # the K experts summed in float32
+        return _Combine.apply(out, weights, slot_row, row_slot, x.dtype)
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """Training on the CPU with plain float experts takes the grouped matmul. Inference keeps the
@@ -162,7 +159,7 @@ class MoE(nn.Module):
         per expert whose backward zero-fills every row.
         """
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs.to(w13.dtype), w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (S, I) each
+        gate, up = F.grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (S, I) each
         return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)               # (S, D)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +174,61 @@ class MoE(nn.Module):
                 y = y + weights[t, k].to(x.dtype) * self.experts[int(indices[t, k])](x[t])
             rows.append(y)
         return torch.stack(rows).view(shape)
+
+
+class _Dispatch(torch.autograd.Function):
+    """xs = [x; 0][token_of] in `dtype`: every slot's token row, grouped by expert (pad rows read the
+    zero row). x (N, D), token_of (S,), slot_row (N*K,) -> (S, D).
+
+    The backward is a gather too: token t's gradient sums its K rows slot_row[t*K : (t+1)*K], in
+    float32. index_select's own backward fills a zero tensor and index_adds every row into it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_of, slot_row, dtype):
+        ctx.save_for_backward(slot_row)
+        ctx.x_dtype, ctx.k = x.dtype, slot_row.shape[0] // x.shape[0]
+        xd = x.to(dtype)                                   # N rows cast, not S
+        return torch.cat([xd, xd.new_zeros(1, xd.shape[1])]).index_select(0, token_of)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (slot_row,) = ctx.saved_tensors
+        mine = grad.index_select(0, slot_row).view(-1, ctx.k, grad.shape[1])      # (N, K, D)
+        return mine.sum(1, dtype=torch.float32).to(ctx.x_dtype), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_t = Σ_k w_tk · out[slot_row[t*K + k]], accumulated in float32 and returned in `dtype`.
+    out (S, D) expert outputs in row order, weights (N, K) float32, row_slot (S,) the slot of each
+    row (N*K for pad rows) -> (N, D).
+
+    Each row of `out` serves one slot at most, so the backward gathers as well: row r's gradient is
+    w · grad_y of its slot's token. Autograd's form of `out[slot_row] * w` then a float32 sum kept
+    two (N, K, D) copies and ran four passes over them (2,048 tokens × 2 × 192: ~3 ms of a layer).
+    """
+
+    @staticmethod
+    def forward(ctx, out, weights, slot_row, row_slot, dtype):
+        N, K = weights.shape
+        mine = out.index_select(0, slot_row).view(N, K, -1)                        # (N, K, D)
+        y = mine[:, 0].float() * weights[:, :1]                                    # (N, D) float32
+        for k in range(1, K):
+            y.addcmul_(mine[:, k], weights[:, k:k + 1])
+        ctx.save_for_backward(mine, weights, row_slot)
+        return y.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        mine, weights, row_slot = ctx.saved_tensors
+        N, K = weights.shape
+        grad = grad.to(mine.dtype)
+        grad_w = torch.bmm(mine, grad.unsqueeze(-1)).view(N, K).to(weights.dtype)   # (N, K)
+        w_row = torch.cat([weights.flatten(), weights.new_zeros(1)]).index_select(0, row_slot)   # (S,)
+        grad_rows = torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, row_slot // K)
+        return grad_rows.mul_(w_row.unsqueeze(1).to(grad.dtype)), grad_w, None, None, None
 
 
 def padded_rows(sorted_experts: torch.Tensor, counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
