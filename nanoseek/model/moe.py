@@ -225,7 +225,8 @@ class _Combine(torch.autograd.Function):
         mine, weights, row_slot = ctx.saved_tensors
         N, K = weights.shape
         grad = grad.to(mine.dtype)
-        grad_w = torch.bmm(mine, grad.unsqueeze(-1)).view(N, K).to(weights.dtype)   # (N, K)
+        # (N, K): a multiply and a sum; a bmm of N (K, D) @ (D, 1) products measured 3x slower
+        grad_w = (mine * grad.unsqueeze(1)).sum(-1, dtype=torch.float32).to(weights.dtype)
         w_row = torch.cat([weights.flatten(), weights.new_zeros(1)]).index_select(0, row_slot)   # (S,)
         grad_rows = torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, row_slot // K)
         return grad_rows.mul_(w_row.unsqueeze(1).to(grad.dtype)), grad_w, None, None, None
