@@ -36,7 +36,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..configs import arg
-from ..engine.engine import keep_freed_memory
 from ..model.moe import MoE, Routing, expert_load, update_expert_bias
 from .compiled import COMPILES, TrainingBlock, compile_choice
 from .losses import IGNORE, balance_loss, cross_entropy_sum, mtp_loss_sums, mtp_targets
@@ -168,11 +167,6 @@ class TrainState:
     loss_model: nn.Module | None = field(default=None, repr=False)   # default LossModel; DDP-wrapped under torchrun
 
     def __post_init__(self):
-        if self.session.device.type == "cpu":
-            # a step frees and reallocates activations of a few MiB: kept in the heap rather than
-            # unmapped, their pages stop faulting in afresh every step (~5k faults, ~5% of a
-            # small_deepseek_v3 step; peak RSS within a few MiB)
-            keep_freed_memory()
         inner = self.loss_model or LossModel(self.model, self.cfg.mtp_weight, self.cfg.balance_loss_weight)
         self.loss_module = inner
         # a stage whose loss module runs the blocks its own way (GRPO's) trains eager
