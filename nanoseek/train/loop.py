@@ -229,10 +229,11 @@ def _unflatten(names: list[str], values: list[float]) -> dict:
     return out
 
 
-def _accumulate(state: TrainState, batches: list[dict], counts: list[int], loads: torch.Tensor) -> dict:
-    """Forward + backward of every micro-batch; returns the summed metrics (over micro-batches and ranks)."""
+def _accumulate(state: TrainState, batches: list[dict], counts: list[int], gates: list, loads: torch.Tensor) -> dict:
+    """Forward + backward of every micro-batch; returns the summed metrics (over micro-batches and ranks).
+    loads (len(gates), E) gathers each gate's expert load."""
     session = state.session
-    slot = {id(g): i for i, g in enumerate(moe_gates(state.model))}
+    slot = {id(g): i for i, g in enumerate(gates)}
     totals, names = None, None
     for i, batch in enumerate(batches):
         batch = {k: v.to(session.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -273,7 +274,7 @@ def train_step(state: TrainState, batches: list[dict]) -> dict:
     gates = moe_gates(model)
     loads = torch.zeros(len(gates), model.cfg.n_routed_experts or 1, device=session.device)
     model.train()
-    sums = _accumulate(state, batches, counts, loads)
+    sums = _accumulate(state, batches, counts, gates, loads)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = clip_gradients(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     finite = math.isfinite(sums["objective"]) and bool(torch.isfinite(norm))
