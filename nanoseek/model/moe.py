@@ -126,12 +126,17 @@ class MoE(nn.Module):
         slot_row = torch.empty_like(rows).index_copy_(0, order, rows)              # (N*K,) inverse of row_slot
         token_of = row_slot // K                                                   # (S,) N for pad rows
         dtype = stacked[0].dtype if stacked is not None else x.dtype
-        xs = _Dispatch.apply(x, token_of, slot_row, dtype)                         # (S, D) grouped by expert
+        # without gradients (the engine's steps) the math runs bare: the autograd Functions' bookkeeping
+        # cost ~40 us a MoE layer of a one-token decode
+        grad = torch.is_grad_enabled()
+        xs = _Dispatch.apply(x, token_of, slot_row, dtype) if grad else _gather_tokens(x, token_of, N * K, dtype)
         if stacked is not None:
             out = self._experts_grouped(xs, counts, *stacked)
         else:   # split, not slices: a slice's backward writes a zero tensor of all N*K rows per expert
             out = torch.cat([self.experts[e](part) for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
-        return _Combine.apply(out, weights, slot_row, row_slot, x.dtype)
+        if grad:
+            return _Combine.apply(out, weights, slot_row, row_slot, x.dtype)
+        return _combine(out, weights, slot_row)[0].to(x.dtype)
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """Training on the CPU with plain float experts takes the grouped matmul. Inference keeps the
@@ -152,8 +157,8 @@ class MoE(nn.Module):
         return w13, torch.stack([e.w2.weight.to(dtype) for e in self.experts])
 
     def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
-        """SwiGLU of every expert over its rows of xs (S, D), `counts[e]` rows each in expert order,
-        in two grouped matmuls over the stacked weights (E, 2I, D) and (E, D, I).
+        """SwiGLU of every expert over its rows of xs (S, D) in the weights' dtype (grouped_mm does not
+        cast), `counts[e]` rows each in expert order, in two grouped matmuls over the stacked weights (E, 2I, D) and (E, D, I).
 
         One call sees all groups (offs: cumulative row counts, int32): no per-expert Python, no slice
         per expert whose backward zero-fills every row.
@@ -188,8 +193,7 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x, token_of, slot_row, dtype):
         ctx.save_for_backward(slot_row)
         ctx.x_dtype, ctx.k = x.dtype, slot_row.shape[0] // x.shape[0]
-        xd = x.to(dtype)                                   # N rows cast, not S
-        return torch.cat([xd, xd.new_zeros(1, xd.shape[1])]).index_select(0, token_of)
+        return _gather_tokens(x, token_of, slot_row.shape[0], dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -211,11 +215,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, weights, slot_row, row_slot, dtype):
-        N, K = weights.shape
-        mine = out.index_select(0, slot_row).view(N, K, -1)                        # (N, K, D)
-        y = mine[:, 0].float() * weights[:, :1]                                    # (N, D) float32
-        for k in range(1, K):
-            y.addcmul_(mine[:, k], weights[:, k:k + 1])
+        y, mine = _combine(out, weights, slot_row)
         ctx.save_for_backward(mine, weights, row_slot)
         return y.to(dtype)
 
@@ -227,9 +227,31 @@ class _Combine(torch.autograd.Function):
         grad = grad.to(mine.dtype)
         # (N, K): a multiply and a sum; a bmm of N (K, D) @ (D, 1) products measured 3x slower
         grad_w = (mine * grad.unsqueeze(1)).sum(-1, dtype=torch.float32).to(weights.dtype)
-        w_row = torch.cat([weights.flatten(), weights.new_zeros(1)]).index_select(0, row_slot)   # (S,)
-        grad_rows = torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, row_slot // K)
-        return grad_rows.mul_(w_row.unsqueeze(1).to(grad.dtype)), grad_w, None, None, None
+        padded = row_slot.shape[0] > N * K                  # pad rows hold slot N*K: weight and gradient 0
+        w_row = _rows(weights.reshape(-1, 1), row_slot, padded)                              # (S, 1)
+        grad_rows = _rows(grad, row_slot // K, padded)                                       # (S, D)
+        return grad_rows.mul_(w_row.to(grad.dtype)), grad_w, None, None, None
+
+
+def _gather_tokens(x: torch.Tensor, token_of: torch.Tensor, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """_Dispatch's forward: x (N, D) cast to dtype (N rows cast, not S), then its rows at token_of (S,);
+    pad rows (S > n_slots = N*K) read index N, a zero row."""
+    return _rows(x.to(dtype), token_of, padded=token_of.shape[0] > n_slots)
+
+
+def _combine(out: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_Combine's forward: (y (N, D) float32 = Σ_k w_tk · out[slot_row[t*K + k]], the gathered rows (N, K, D))."""
+    N, K = weights.shape
+    mine = out.index_select(0, slot_row).view(N, K, -1)
+    y = mine[:, 0].float() * weights[:, :1]
+    for k in range(1, K):
+        y.addcmul_(mine[:, k], weights[:, k:k + 1])
+    return y, mine
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor, padded: bool) -> torch.Tensor:
+    """t (M, D) gathered at index (S,); with `padded`, index M reads a zero row appended to t."""
+    return (torch.cat([t, t.new_zeros(1, t.shape[1])]) if padded else t).index_select(0, index)
 
 
 def padded_rows(sorted_experts: torch.Tensor, counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
